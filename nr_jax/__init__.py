@@ -1,0 +1,64 @@
+"""nr_jax: Neural Rejuvenation (Qiao et al., CVPR 2019) in JAX/Flax.
+
+The public API: build a model (`nr_jax.models.get`), derive its channel graph
+(`channel_graph`), watch it (`liveness`, `utilization`, the `l1_bn_scales` optax transform) and
+rejuvenate it (`rejuvenate`), training the mix of old and new neurons with `nr_loss` / `predict`.
+`nr_jax.train.train_and_evaluate(config, workdir)` runs the whole method.
+"""
+
+from nr_jax import models
+from nr_jax.graph import ChannelGraph, Unit, channel_graph
+from nr_jax.layers import (
+    MASKS,
+    NRClassifier,
+    NRConv,
+    UnitWidth,
+    WidthSpec,
+    classifier_unit,
+    conv_unit,
+)
+from nr_jax.liveness import Counts, Liveness, Utilization, count, liveness, utilization
+from nr_jax.schemes import head_logits, nr_loss, predict
+from nr_jax.sparsity import L1State, adapt_lambda, get_lambda, l1_bn_scales, set_lambda
+from nr_jax.surgery import (
+    Rejuvenation,
+    RejuvenationReport,
+    plan_widths,
+    rejuvenate,
+    sqrt_allocation,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MASKS",
+    "ChannelGraph",
+    "Counts",
+    "L1State",
+    "Liveness",
+    "NRClassifier",
+    "NRConv",
+    "Rejuvenation",
+    "RejuvenationReport",
+    "Unit",
+    "UnitWidth",
+    "Utilization",
+    "WidthSpec",
+    "adapt_lambda",
+    "channel_graph",
+    "classifier_unit",
+    "conv_unit",
+    "count",
+    "get_lambda",
+    "head_logits",
+    "l1_bn_scales",
+    "liveness",
+    "models",
+    "nr_loss",
+    "plan_widths",
+    "predict",
+    "rejuvenate",
+    "set_lambda",
+    "sqrt_allocation",
+    "utilization",
+]

@@ -1,0 +1,328 @@
+"""The layers a Neural Rejuvenation model is built from.
+
+A *unit* (`NRConv`) is a bias-free convolution followed by BatchNorm, an optional activation and a
+per-channel mask, as the official `nr.Conv2d` + `nr.ReLU` (method.md 1.1). Its BN scale γ is the
+liveness indicator of its output channels. The classifier (`NRClassifier`) is global average
+pooling followed by a dense layer, which equals the official 1x1-conv-then-GAP head.
+
+Widths are static module fields. After rejuvenation every channel axis is laid out
+[survivors, new] and a unit carries its split points `in_split` (L_in) and `out_split` (L_out):
+
+* scheme ``"removed"`` (cross connections removed, method.md 4.2, CIFAR): the forward pass slices
+  the kernel statically into the two blocks it uses, old->old `W[:, :, :L_in, :L_out]` and
+  new->new `W[:, :, L_in:, L_out:]`, and runs two convolutions. The cross blocks are stored as
+  zeros and receive no gradient. Where a unit has no new input channels (the stem, or a unit fed
+  only by units that did not grow), its new outputs read all inputs through `W[:, :, :, L_out:]`.
+* scheme ``"dense"``: one full convolution over the whole kernel.
+
+Every helper that moves activations between units (`max_pool`, `avg_pool`, `relu`, `add`,
+`concat`, `identity`, `passthrough`) is a plain function at run time; while
+`nr_jax.channel_graph` traces a model it also records which channels flow where.
+
+Models take a `widths: WidthSpec` field (hashable) and build their units through `conv_unit` and
+`classifier_unit`, so that `nr_jax.rejuvenate` can return `model.clone(widths=new_spec)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nr_jax import _tracking
+
+Array = jax.Array
+MASKS = "nr_masks"
+SCHEMES = ("removed", "dense")
+
+
+def he_fan_out(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    """N(0, 2 / (k*k*D_out)) for a kernel [k, k, D_in, D_out] (official init, method.md 4.1)."""
+    fan_out = shape[0] * shape[1] * shape[3]
+    return jax.random.normal(key, shape, dtype) * jnp.sqrt(2.0 / fan_out).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitWidth:
+    """Static width of one unit: output channels and, after rejuvenation, split points."""
+
+    features: int
+    in_split: int | None = None
+    out_split: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthSpec:
+    """Per-unit widths that override a model's defaults; hashable, JSON round-trips.
+
+    An empty spec means "the architecture's default widths". `nr_jax.rejuvenate` fills it with
+    every unit's new width and split points.
+    """
+
+    entries: tuple[tuple[str, UnitWidth], ...] = ()
+
+    def get(self, name: str, features: int) -> UnitWidth:
+        for key, value in self.entries:
+            if key == name:
+                return value
+        return UnitWidth(features)
+
+    def as_dict(self) -> dict[str, UnitWidth]:
+        return dict(self.entries)
+
+    @classmethod
+    def from_dict(cls, widths: dict[str, UnitWidth]) -> WidthSpec:
+        return cls(tuple(sorted(widths.items())))
+
+    def to_json(self) -> str:
+        return json.dumps({k: dataclasses.asdict(v) for k, v in self.entries}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> WidthSpec:
+        return cls.from_dict({k: UnitWidth(**v) for k, v in json.loads(text).items()})
+
+
+def _conv(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
+    k_h, k_w = kernel.shape[:2]
+    padding = ((k_h // 2, k_h // 2), (k_w // 2, k_w // 2))  # PyTorch's symmetric padding
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+class NRConv(nn.Module):
+    """Conv (no bias) -> BatchNorm -> activation -> channel mask: one prunable NR unit.
+
+    Attributes:
+      features: output channels D_out.
+      kernel_size: square kernel size k.
+      strides: convolution stride.
+      fixed: all outputs always live and no L1 pressure on γ (method.md 2.3).
+      activation: applied after BN; None for none (e.g. before a residual sum).
+      in_split: L_in, survivors among the input channels (after rejuvenation).
+      out_split: L_out, survivors among the output channels (after rejuvenation).
+      scheme: how old and new channels mix after rejuvenation (`SCHEMES`).
+      gamma_init: initial BN scale (official: 0.5 for VGG, 1.0 for ResNet/DenseNet).
+      dtype: computation dtype (None: float32).
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    fixed: bool = False
+    activation: Callable[[Array], Array] | None = nn.relu
+    in_split: int | None = None
+    out_split: int | None = None
+    scheme: str = "removed"
+    gamma_init: float = 1.0
+    kernel_init: Callable[..., Array] = he_fan_out
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        """x: (B, H, W, D_in) -> (B, H', W', D_out)."""
+        tracker = _tracking.active()
+        source = tracker.source_of(x, self._unit_name()) if tracker else None
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"NRConv {self.name}: scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        d_in, k = x.shape[-1], self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, d_in, self.features))
+        dtype = self.dtype or jnp.float32
+        y = self._forward(x.astype(dtype), kernel.astype(dtype))
+        y = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,  # PyTorch momentum 0.1
+            epsilon=1e-5,
+            dtype=self.dtype,
+            scale_init=nn.initializers.constant(self.gamma_init),
+            name="bn",
+        )(y)
+        if self.activation is not None:
+            y = self.activation(y)
+        mask = self.variable(MASKS, "mask", lambda: jnp.ones((self.features,), jnp.float32))
+        y = y * mask.value.astype(y.dtype)
+        if tracker is not None:
+            tracker.tag(y, (((frozenset([self._unit_name()])), 0, self.features),))
+            tracker.units.append(
+                _tracking.UnitRecord(
+                    name=self._unit_name(),
+                    kind="conv",
+                    source=source,
+                    in_channels=d_in,
+                    out_channels=self.features,
+                    kernel=(k, k),
+                    strides=(self.strides, self.strides),
+                    out_hw=(y.shape[1], y.shape[2]),
+                    fixed=self.fixed,
+                    in_split=self.in_split,
+                    out_split=self.out_split,
+                )
+            )
+        return y
+
+    def _unit_name(self) -> str:
+        return "/".join(self.scope.path)
+
+    def _forward(self, x: Array, kernel: Array) -> Array:
+        strides = (self.strides, self.strides)
+        l_in, l_out, d_in = self.in_split, self.out_split, x.shape[-1]
+        if self.scheme == "dense" or l_out is None:
+            return _conv(x, kernel, strides)
+        if l_in is None or not 0 <= l_in <= d_in or not 0 <= l_out <= self.features:
+            raise ValueError(
+                f"NRConv {self.name}: split points must satisfy 0 <= in_split <= {d_in} and "
+                f"0 <= out_split <= {self.features}; got in_split={l_in}, out_split={l_out}"
+            )
+        parts = []
+        if l_out > 0:
+            if l_in > 0:
+                parts.append(_conv(x[..., :l_in], kernel[:, :, :l_in, :l_out], strides))
+            else:  # no survivor input: old outputs get no signal (only their BN bias)
+                parts.append(_conv(x, jnp.zeros_like(kernel[:, :, :, :l_out]), strides))
+        if l_out < self.features:
+            if l_in < d_in:
+                parts.append(_conv(x[..., l_in:], kernel[:, :, l_in:, l_out:], strides))
+            else:
+                parts.append(_conv(x, kernel[:, :, :, l_out:], strides))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+class NRClassifier(nn.Module):
+    """Global average pooling -> dense classifier, with the two-logit head after rejuvenation.
+
+    Before rejuvenation (`in_split` None) the output is logits (B, K). After it, the output is
+    (B, 2, K): z_old from the survivor channels, z_new from the new ones (method.md 4.3); the
+    evaluation logits are their sum (`nr_jax.predict`). The official code adds the bias to both
+    heads (bias counted twice at evaluation, method.md 7.6); `bias_in_both_heads=False` (default)
+    adds it to z_old only.
+    """
+
+    num_classes: int
+    in_split: int | None = None
+    bias_in_both_heads: bool = False
+    kernel_init: Callable[..., Array] = nn.initializers.normal(0.01)
+    bias_init: Callable[..., Array] = nn.initializers.zeros
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: (B, H, W, C) -> logits (B, K), or (B, 2, K) after rejuvenation."""
+        tracker = _tracking.active()
+        name = "/".join(self.scope.path)
+        source = tracker.source_of(x, name) if tracker else None
+        d_in = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (d_in, self.num_classes))
+        bias = self.param("bias", self.bias_init, (self.num_classes,))
+        dtype = self.dtype or jnp.float32
+        h = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
+        kernel = kernel.astype(dtype)
+        if self.in_split is None:
+            out = h @ kernel + bias.astype(dtype)
+        else:
+            split = self.in_split
+            if not 0 <= split <= d_in:
+                raise ValueError(f"NRClassifier: in_split must be in [0, {d_in}], got {split}")
+            z_old = h[:, :split] @ kernel[:split] + bias.astype(dtype)
+            z_new = h[:, split:] @ kernel[split:]
+            if self.bias_in_both_heads:
+                z_new = z_new + bias.astype(dtype)
+            out = jnp.stack([z_old, z_new], axis=1)
+        if tracker is not None:
+            tracker.units.append(
+                _tracking.UnitRecord(
+                    name=name,
+                    kind="classifier",
+                    source=source,
+                    in_channels=d_in,
+                    out_channels=self.num_classes,
+                    kernel=(1, 1),
+                    strides=(1, 1),
+                    out_hw=(1, 1),
+                    fixed=True,
+                    in_split=self.in_split,
+                    out_split=None,
+                )
+            )
+        return out.astype(jnp.float32)
+
+
+def conv_unit(widths: WidthSpec, name: str, features: int, **kwargs: Any) -> NRConv:
+    """An `NRConv` named `name` whose width comes from `widths` (default `features`)."""
+    w = widths.get(name, features)
+    return NRConv(features=w.features, in_split=w.in_split, out_split=w.out_split, name=name, **kwargs)
+
+
+def classifier_unit(
+    widths: WidthSpec, num_classes: int, name: str = "head", **kwargs: Any
+) -> NRClassifier:
+    """The `NRClassifier` named `name` with its split point from `widths`."""
+    w = widths.get(name, num_classes)
+    return NRClassifier(num_classes=num_classes, in_split=w.in_split, name=name, **kwargs)
+
+
+def passthrough(fn: Callable[[Array], Array], x: Array) -> Array:
+    """Applies a channel-preserving function `fn` and keeps the channel graph informed."""
+    return _tracking.passthrough(x, fn(x))
+
+
+def max_pool(x: Array, window: int = 2, strides: int | None = None, padding: Any = "VALID") -> Array:
+    """Max pooling over H, W (channel-preserving)."""
+    s = strides or window
+    return _tracking.passthrough(x, nn.max_pool(x, (window, window), (s, s), padding))
+
+
+def avg_pool(x: Array, window: int = 2, strides: int | None = None, padding: Any = "VALID") -> Array:
+    """Average pooling over H, W (channel-preserving)."""
+    s = strides or window
+    return _tracking.passthrough(x, nn.avg_pool(x, (window, window), (s, s), padding))
+
+
+def relu(x: Array) -> Array:
+    """ReLU (channel-preserving)."""
+    return _tracking.passthrough(x, nn.relu(x))
+
+
+def identity(x: Array) -> Array:
+    """Identity (channel-preserving); useful to name a shortcut."""
+    return x
+
+
+def add(*xs: Array) -> Array:
+    """Residual sum: the summed units become tied (they share one channel space)."""
+    y = xs[0]
+    for x in xs[1:]:
+        y = y + x
+    tracker = _tracking.active()
+    if tracker is not None:
+        sources = [tracker.source_of(x, "<add>") for x in xs]
+        out = _tracking.add_sources(sources)
+        tracker.ties.append(out[0][0])
+        tracker.tag(y, out)
+    return y
+
+
+def concat(xs: Sequence[Array], splits: Sequence[int] | None = None) -> Array:
+    """Channel concatenation (dense connections).
+
+    Args:
+      xs: activations (B, H, W, C_i).
+      splits: survivor count of each input after rejuvenation; the result is then laid out
+        [survivors of every input, new channels of every input] so that the consumer sees the
+        [survivors, new] layout. None before rejuvenation.
+    """
+    if splits is None:
+        y = jnp.concatenate(xs, axis=-1)
+    else:
+        old = [x[..., :k] for x, k in zip(xs, splits, strict=True)]
+        new = [x[..., k:] for x, k in zip(xs, splits, strict=True)]
+        y = jnp.concatenate(old + new, axis=-1)
+    tracker = _tracking.active()
+    if tracker is not None:
+        sources = [tracker.source_of(x, "<concat>") for x in xs]
+        tracker.tag(y, _tracking.concat_sources(sources, splits))
+    return y

@@ -1,0 +1,69 @@
+"""VGG with BN for Neural Rejuvenation (official CIFAR `vgg19_bn`, method.md 7.10).
+
+The official CIFAR "VGG-19" keeps the standard VGG-19 channel sequence (20.04M parameters) but only
+two max-pools, after the 4th and the 10th conv, so the last maps are 8x8 (2.6 GMACs at 32x32).
+BN γ starts at 0.5 (method.md 7.7), the classifier at N(0, 0.01) with zero bias. No unit is fixed:
+every conv, stem included, can lose neurons (method.md 2.3).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from nr_jax import layers
+from nr_jax.models import register
+
+M = "M"  # max-pool 2x2 in a cfg
+VGG19_CIFAR = (64, 64, 128, 128, M, 256, 256, 256, 256, 512, 512, M, 512, 512, 512, 512, 512, 512)
+VGG_FMNIST = (32, 32, M, 64, 64, M, 128, 128)
+VGG_TINY = (8, M, 16, 16)
+
+
+class VGG(nn.Module):
+    """A plain chain of NR units and max-pools, then the NR classifier.
+
+    Attributes:
+      cfg: channel counts of the convs in order, with "M" for a 2x2 max-pool.
+      num_classes: classifier outputs.
+      widths: per-unit width overrides (filled by `nr_jax.rejuvenate`).
+      gamma_init: initial BN scale (official VGG: 0.5).
+      scheme: how old and new neurons mix after rejuvenation (`nr_jax.layers.SCHEMES`).
+      bias_in_both_heads: the official doubled classifier bias (method.md 7.6).
+      dtype: computation dtype (None: float32).
+    """
+
+    cfg: tuple[Any, ...]
+    num_classes: int = 10
+    widths: layers.WidthSpec = layers.WidthSpec()
+    gamma_init: float = 0.5
+    scheme: str = "removed"
+    bias_in_both_heads: bool = False
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x: images (B, H, W, C) -> logits (B, K), or (B, 2, K) after rejuvenation."""
+        i = 0
+        for v in self.cfg:
+            if v == M:
+                x = layers.max_pool(x, 2)
+                continue
+            x = layers.conv_unit(
+                self.widths, f"conv{i}", v, kernel_size=3, gamma_init=self.gamma_init,
+                scheme=self.scheme, dtype=self.dtype,
+            )(x, train)
+            i += 1
+        head = layers.classifier_unit(
+            self.widths, self.num_classes, bias_in_both_heads=self.bias_in_both_heads,
+            dtype=self.dtype,
+        )
+        return head(x)
+
+
+register("vgg19_cifar")(functools.partial(VGG, VGG19_CIFAR))
+register("vgg_fmnist")(functools.partial(VGG, VGG_FMNIST))
+register("vgg_tiny")(functools.partial(VGG, VGG_TINY))

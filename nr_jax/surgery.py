@@ -1,0 +1,423 @@
+"""Rejuvenation: a pure host-side function from old trees to new trees (method.md sections 3-4).
+
+`rejuvenate(key, model, variables, opt_state, tx, graph)` drops dead channels, widens every unit
+by one global factor r = sqrt(all / live) so the resource budget is restored, reinitialises the
+new channels and returns a new model (same class, new static widths), new variables, a new
+optimiser state (survivors' moments carried over, new slots zero, counters kept), the new graph
+and a report. Nothing is mutated. New weights are drawn on the host with numpy, seeded from `key`,
+so the function is deterministic and costs no compilation.
+
+Layout after rejuvenation: every channel axis is [survivors (original order), new]; for a unit
+whose input is a concatenation, [survivors of every input, new channels of every input].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nr_jax.graph import INPUT, ChannelGraph, Unit, channel_graph
+from nr_jax.layers import MASKS, UnitWidth, WidthSpec
+from nr_jax.liveness import Counts, Liveness, count, liveness, utilization
+
+Allocation = Callable[[ChannelGraph, Mapping[str, int], float], Mapping[str, int]]
+
+
+def sqrt_allocation(graph: ChannelGraph, survivors: Mapping[str, int], r: float) -> dict[str, int]:
+    """The official rule (method.md 3.2): D_out = floor(L_out * r) for every unit.
+
+    Args:
+      graph: the pre-rejuvenation graph.
+      survivors: L_out per unit (fixed units: all their channels; all-dead units: 0).
+      r: the global expansion factor sqrt(all / live).
+
+    Returns:
+      The new total width D_out per unit. `rejuvenate` then enforces D_out >= L_out, the
+      minimum width and equal widths across a residual tie.
+    """
+    del graph
+    return {name: int(math.floor(n * r)) for name, n in survivors.items()}
+
+
+class AxisPlan:
+    """New size of one axis and the old indices of its survivors (placed at [0, len(src)))."""
+
+    __slots__ = ("size", "src")
+
+    def __init__(self, size: int, src: np.ndarray) -> None:
+        self.size, self.src = size, src
+
+
+class LeafPlan:
+    """How one parameter-shaped leaf changes: one AxisPlan (or None: unchanged) per axis."""
+
+    __slots__ = ("axes",)
+
+    def __init__(self, axes: tuple[AxisPlan | None, ...]) -> None:
+        self.axes = axes
+
+    def shape(self, old_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(old_shape[i] if a is None else a.size for i, a in enumerate(self.axes))
+
+    def gather(self, old: np.ndarray, fill: np.ndarray) -> np.ndarray:
+        """`fill` (new shape) with the survivors of `old` copied to their new place."""
+        index = [np.arange(n) if a is None else a.src for n, a in zip(old.shape, self.axes)]
+        dst = tuple(slice(None) if a is None else slice(0, len(a.src)) for a in self.axes)
+        out = np.array(fill, dtype=old.dtype, copy=True)
+        out[dst] = old[np.ix_(*index)]
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RejuvenationReport:
+    """What a rejuvenation did, for logs and checkpoints."""
+
+    resource: str
+    utilization: float
+    r: float
+    widths_before: dict[str, int]
+    widths_after: dict[str, int]
+    survivors: dict[str, int]
+    dead_units: tuple[str, ...]
+    counts_before: Counts
+    counts_after: Counts
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["counts_before"] = self.counts_before._asdict()
+        d["counts_after"] = self.counts_after._asdict()
+        d["dead_units"] = list(self.dead_units)
+        return d
+
+    def summary(self) -> str:
+        b, a = self.counts_before, self.counts_after
+        lines = [
+            f"rejuvenation: U={self.utilization:.4f} ({self.resource}), r={self.r:.4f}",
+            f"{'unit':<24}{'before':>8}{'live':>8}{'after':>8}",
+        ]
+        for name, w in self.widths_before.items():
+            dead = "  all-dead" if name in self.dead_units else ""
+            lines.append(
+                f"{name:<24}{w:>8}{self.survivors[name]:>8}{self.widths_after[name]:>8}{dead}"
+            )
+        lines.append(
+            f"conv weights {b.conv:,} -> {a.conv:,}; total params {b.total:,} -> {a.total:,}; "
+            f"effective params {b.effective:,} -> {a.effective:,}; "
+            f"MACs {b.macs:,} -> {a.macs:,} (effective {a.effective_macs:,})"
+        )
+        return "\n".join(lines)
+
+
+class Rejuvenation(NamedTuple):
+    """Result of `rejuvenate`."""
+
+    model: nn.Module
+    variables: dict[str, Any]
+    opt_state: Any
+    graph: ChannelGraph
+    report: RejuvenationReport
+
+
+def host_rng(key: jax.Array) -> np.random.Generator:
+    """A numpy generator seeded from a JAX PRNG key (typed or raw uint32)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng(np.asarray(key, dtype=np.uint32).ravel().tolist())
+
+
+def _to_host(tree: Any) -> Any:
+    tree = flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree
+    return jax.tree.map(np.asarray, tree)
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+@dataclasses.dataclass
+class _UnitPlan:
+    out_src: np.ndarray  # old indices of surviving outputs, in order
+    d_out: int
+    in_src: np.ndarray  # old input indices of surviving inputs, in the new order
+    d_in: int
+    dead: bool
+
+
+def plan_widths(
+    graph: ChannelGraph,
+    live: Liveness,
+    r: float,
+    *,
+    allocation: Allocation = sqrt_allocation,
+    min_width: int = 1,
+) -> dict[str, _UnitPlan]:
+    """Survivor indices and new widths of every unit (host side, numpy)."""
+    if min_width < 1:
+        raise ValueError(f"min_width must be >= 1, got {min_width}")
+    out = {u.name: np.asarray(live.out[u.name], bool) for u in graph.units}
+    dead = {u.name: bool(live.dead[u.name]) for u in graph.units}
+    for tie in graph.ties:  # a tied unit keeps the stream's layout, even when it is dead itself
+        stream = np.any([out[n] for n in tie], axis=0)
+        for n in tie:
+            out[n] = stream
+    keep = {n: np.flatnonzero(m) for n, m in out.items()}
+    survivors = {n: len(k) for n, k in keep.items()}
+    widths = dict(allocation(graph, survivors, r))
+    if set(widths) != set(survivors):
+        raise ValueError("the allocation rule must return a width for every unit")
+    widths = {n: max(int(widths[n]), survivors[n], min_width) for n in survivors}
+    for tie in graph.ties:
+        w = max(widths[n] for n in tie)
+        for n in tie:
+            widths[n] = w
+    plans: dict[str, _UnitPlan] = {}
+    for u in graph.all_units:
+        in_src, d_in = _input_plan(u, graph, keep, widths)
+        if u.kind == "conv":
+            plans[u.name] = _UnitPlan(keep[u.name], widths[u.name], in_src, d_in, dead[u.name])
+        else:
+            plans[u.name] = _UnitPlan(np.arange(u.out_channels), u.out_channels, in_src, d_in, False)
+    return plans
+
+
+def _input_plan(
+    u: Unit, graph: ChannelGraph, keep: Mapping[str, np.ndarray], widths: Mapping[str, int]
+) -> tuple[np.ndarray, int]:
+    offset, srcs, d_in = 0, [], 0
+    for producers, start, stop in u.inputs:
+        p = sorted(producers)[0]
+        if INPUT in producers:
+            k, w = np.arange(stop - start), stop - start
+        else:
+            if start != 0 or stop != graph[p].out_channels:
+                raise ValueError(f"unit {u.name}: the network was already rejuvenated")
+            k, w = keep[p], widths[p]
+        srcs.append(offset + k)
+        offset += stop - start
+        d_in += w
+    return (np.concatenate(srcs) if srcs else np.zeros(0, int)), d_in
+
+
+def rejuvenate(
+    key: jax.Array,
+    model: nn.Module,
+    variables: Any,
+    opt_state: Any,
+    tx: optax.GradientTransformation,
+    graph: ChannelGraph,
+    *,
+    live: Liveness | None = None,
+    resource: str = "params",
+    allocation: Allocation = sqrt_allocation,
+    min_width: int = 1,
+    new_gamma: float = 0.5,
+    threshold: float = 1e-2,
+    dead_threshold: float = 1e-3,
+) -> Rejuvenation:
+    """Drops dead channels, widens survivors by r = sqrt(all/live), reinitialises new channels.
+
+    Args:
+      key: PRNG key for the new weights (host-side draw, deterministic).
+      model: the model; must have a `widths: WidthSpec` field.
+      variables: {"params", "batch_stats", "nr_masks"} of `model`.
+      opt_state: state of `tx` for `variables["params"]` (None: return None).
+      tx: the optimiser; reused unchanged after rejuvenation.
+      graph: `channel_graph(model, ...)`.
+      live: precomputed liveness (default: `liveness(variables, graph)`).
+      resource: "params" or "flops", the budget measure (method.md 2.1, 3.1).
+      allocation: the width rule (default `sqrt_allocation`).
+      min_width: floor on every unit's width; an all-dead unit keeps this many channels with a
+        sticky zero mask (method.md 7.3).
+      new_gamma: BN scale of new channels (official 0.5).
+      threshold, dead_threshold: liveness thresholds when `live` is None.
+
+    Returns:
+      `Rejuvenation(model, variables, opt_state, graph, report)`.
+    """
+    if not isinstance(graph, ChannelGraph):
+        raise TypeError(f"graph must be a ChannelGraph, got {type(graph).__name__}")
+    if graph.rejuvenated:
+        raise ValueError("this network was already rejuvenated (one rejuvenation per network)")
+    if not isinstance(getattr(model, "widths", None), WidthSpec):
+        raise TypeError(f"{type(model).__name__} needs a `widths: WidthSpec` field to be rejuvenated")
+    host = _to_host(variables)
+    for name in ("params", "batch_stats"):
+        if name not in host:
+            raise ValueError(f"variables lack the {name!r} collection")
+    if live is None:
+        live = liveness(host, graph, threshold=threshold, dead_threshold=dead_threshold)
+    util = utilization(live, graph, resource)
+    if float(util.live) <= 0:
+        raise ValueError(
+            f"utilisation is 0 ({resource}): every channel is dead, nothing can be rejuvenated. "
+            "Lower the sparsity coefficient λ or rejuvenate earlier (higher target)."
+        )
+    r = math.sqrt(float(util.total) / float(util.live))
+    plans = plan_widths(graph, live, r, allocation=allocation, min_width=min_width)
+    rng = host_rng(key)
+    new_vars, leaf_plans = _new_variables(host, graph, plans, rng, new_gamma)
+    new_model = model.clone(widths=_width_spec(graph, plans))
+    new_graph = channel_graph(new_model, graph.input_shape)
+    _check_shapes(new_vars, new_graph.variable_shapes)
+    new_state = None
+    if opt_state is not None:
+        new_state = _new_opt_state(tx, opt_state, host["params"], new_vars["params"], leaf_plans)
+    report = RejuvenationReport(
+        resource=resource,
+        utilization=float(util.ratio),
+        r=r,
+        widths_before=graph.widths,
+        widths_after=new_graph.widths,
+        survivors={u.name: len(plans[u.name].out_src) for u in graph.units},
+        dead_units=tuple(u.name for u in graph.units if plans[u.name].dead),
+        counts_before=count(graph),
+        counts_after=count(new_graph),
+    )
+    new_vars = jax.tree.map(jnp.asarray, new_vars)
+    return Rejuvenation(new_model, new_vars, new_state, new_graph, report)
+
+
+def _width_spec(graph: ChannelGraph, plans: Mapping[str, _UnitPlan]) -> WidthSpec:
+    entries = {}
+    for u in graph.all_units:
+        p = plans[u.name]
+        if u.kind == "conv":
+            entries[u.name] = UnitWidth(p.d_out, len(p.in_src), len(p.out_src))
+        else:
+            entries[u.name] = UnitWidth(u.out_channels, len(p.in_src), None)
+    return WidthSpec.from_dict(entries)
+
+
+def _new_variables(
+    host: dict, graph: ChannelGraph, plans: Mapping[str, _UnitPlan], rng: np.random.Generator,
+    new_gamma: float,
+) -> tuple[dict, dict]:
+    """New variables and the LeafPlan of every parameter leaf (by path)."""
+    new = jax.tree.map(lambda x: x, host)  # a fresh container tree; leaves replaced below
+    leaf_plans: dict[tuple[str, ...], LeafPlan] = {}
+    for u in graph.all_units:
+        p = plans[u.name]
+        ax_in = AxisPlan(p.d_in, p.in_src)
+        if u.kind == "classifier":
+            kernel = _get(host["params"], u.path + ("kernel",))
+            plan = LeafPlan((ax_in, None))
+            fill = rng.standard_normal(plan.shape(kernel.shape), dtype=np.float32) * 0.01
+            _set(new["params"], u.path + ("kernel",), plan.gather(kernel, fill))
+            leaf_plans[u.path + ("kernel",)] = plan
+            continue
+        ax_out = AxisPlan(p.d_out, p.out_src)
+        kernel = _get(host["params"], u.path + ("kernel",))
+        plan = LeafPlan((None, None, ax_in, ax_out))
+        shape = plan.shape(kernel.shape)
+        std = math.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))  # He fan-out, new width
+        fill = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        w = plan.gather(kernel, fill)
+        l_in, l_out = len(p.in_src), len(p.out_src)
+        w[:, :, l_in:, :l_out] = 0  # new inputs -> old outputs: survivors stay exact
+        if l_in < p.d_in:
+            w[:, :, :l_in, l_out:] = 0  # old inputs -> new outputs (removed cross connection)
+        _set(new["params"], u.path + ("kernel",), w)
+        leaf_plans[u.path + ("kernel",)] = plan
+        vec = LeafPlan((ax_out,))
+        for coll, leaf, value in (
+            ("params", "scale", new_gamma),
+            ("params", "bias", 0.0),
+            ("batch_stats", "mean", 0.0),
+            ("batch_stats", "var", 1.0),
+        ):
+            old = _get(host[coll], u.path + ("bn", leaf))
+            _set(new[coll], u.path + ("bn", leaf), vec.gather(old, np.full(p.d_out, value)))
+            if coll == "params":
+                leaf_plans[u.path + ("bn", leaf)] = vec
+        if MASKS in host:
+            mask = np.zeros(p.d_out, np.float32) if p.dead else np.ones(p.d_out, np.float32)
+            _set(new[MASKS], u.path + ("mask",), mask)
+    return new, leaf_plans
+
+
+def _check_shapes(new_vars: Any, expected: Any) -> None:
+    got = jax.tree_util.tree_flatten_with_path(new_vars)[0]
+    want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    for path, leaf in got:
+        if path in want and tuple(leaf.shape) != tuple(want[path].shape):
+            raise ValueError(
+                f"rejuvenate: {jax.tree_util.keystr(path)} has shape {leaf.shape} but the new model "
+                f"expects {want[path].shape}; this model's units are not all nr_jax.layers units"
+            )
+    if len(got) != len(want):
+        raise ValueError("rejuvenate: the new model's variables differ from the rejuvenated ones")
+
+
+class _Slot:
+    """Marks a parameter-shaped slot of the optimiser state (a leaf for tree utilities)."""
+
+    __slots__ = ("plan", "old_shape")
+
+    def __init__(self, plan: LeafPlan | None, old_shape: tuple[int, ...]) -> None:
+        self.plan, self.old_shape = plan, old_shape
+
+
+_NON_PARAM = object()
+
+
+def _new_opt_state(
+    tx: optax.GradientTransformation, opt_state: Any, old_params: dict, new_params: dict,
+    leaf_plans: Mapping[tuple[str, ...], LeafPlan],
+) -> Any:
+    """Optimiser state for the new params: survivors' slots carried, new slots zero."""
+    def is_masked(x: Any) -> bool:
+        return isinstance(x, optax.MaskedNode)
+
+    paths = jax.tree_util.tree_flatten_with_path(old_params)[0]
+    plan_leaves = [
+        _Slot(leaf_plans.get(tuple(str(k.key) for k in path)), tuple(np.shape(leaf)))
+        for path, leaf in paths
+    ]
+    slots = jax.tree.unflatten(jax.tree.structure(old_params), plan_leaves)
+    template = tx.init(jax.tree.map(jnp.asarray, new_params))
+    labels = optax.tree_map_params(
+        tx,
+        lambda leaf, slot: leaf if is_masked(leaf) else slot,
+        opt_state,
+        slots,
+        transform_non_params=lambda _: _NON_PARAM,
+        is_leaf=lambda x: is_masked(x) or isinstance(x, _Slot),
+    )
+    is_label = lambda x: isinstance(x, _Slot) or x is _NON_PARAM  # noqa: E731
+    label_leaves = jax.tree.leaves(labels, is_leaf=is_label)
+    old_leaves = jax.tree.leaves(opt_state)
+    new_leaves, treedef = jax.tree.flatten(template)
+    if not len(label_leaves) == len(old_leaves) == len(new_leaves):
+        raise ValueError(
+            "rejuvenate: opt_state does not have the structure of tx.init(params); "
+            "was it made by another optimiser or model?"
+        )
+    out = []
+    for label, old, init in zip(label_leaves, old_leaves, new_leaves):
+        old_shape = tuple(np.shape(old))
+        if label is _NON_PARAM:
+            out.append(old if old_shape == tuple(np.shape(init)) else init)
+        elif label.plan is None or old_shape != label.old_shape:
+            same = old_shape == tuple(np.shape(init)) and label.plan is None
+            out.append(old if same else init)  # unchanged leaf, or factored statistics
+        else:
+            zeros = np.zeros(np.shape(init), np.asarray(old).dtype)
+            out.append(jnp.asarray(label.plan.gather(np.asarray(old), zeros)))
+    return jax.tree.unflatten(treedef, out)
