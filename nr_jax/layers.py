@@ -145,7 +145,7 @@ class NRConv(nn.Module):
         if self.activation is not None:
             y = self.activation(y)
         mask = self.variable(MASKS, "mask", lambda: jnp.ones((self.features,), jnp.float32))
-        y = y * mask.value.astype(y.dtype)
+        y = y * mask.value.astype(y.dtype)[None, None, None, :]
         if tracker is not None:
             tracker.tag(y, (((frozenset([self._unit_name()])), 0, self.features),))
             tracker.units.append(
@@ -221,16 +221,17 @@ class NRClassifier(nn.Module):
         dtype = self.dtype or jnp.float32
         h = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
         kernel = kernel.astype(dtype)
+        bias = bias.astype(dtype)[None, :]
         if self.in_split is None:
-            out = h @ kernel + bias.astype(dtype)
+            out = h @ kernel + bias
         else:
             split = self.in_split
             if not 0 <= split <= d_in:
                 raise ValueError(f"NRClassifier: in_split must be in [0, {d_in}], got {split}")
-            z_old = h[:, :split] @ kernel[:split] + bias.astype(dtype)
+            z_old = h[:, :split] @ kernel[:split] + bias
             z_new = h[:, split:] @ kernel[split:]
             if self.bias_in_both_heads:
-                z_new = z_new + bias.astype(dtype)
+                z_new = z_new + bias
             out = jnp.stack([z_old, z_new], axis=1)
         if tracker is not None:
             tracker.units.append(

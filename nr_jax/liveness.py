@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nr_jax.graph import INPUT, ChannelGraph, Segment, Unit
 from nr_jax.layers import MASKS
@@ -58,22 +59,28 @@ def _get(tree: Any, path: tuple[str, ...], what: str) -> Any:
     return node
 
 
-def _gamma(params: Any, unit: Unit) -> Array:
+def _xp(tree: Any) -> Any:
+    """numpy for trees of host arrays (no compilation, used by the host-side surgery), else jnp."""
+    leaves = jax.tree.leaves(tree)
+    return jnp if any(isinstance(x, jax.Array) for x in leaves) else np
+
+
+def _gamma(params: Any, unit: Unit, xp: Any) -> Array:
     g = _get(params, unit.path + ("bn", "scale"), "BN scale")
     if g.shape != (unit.out_channels,):
         raise ValueError(
             f"BN scale of unit {unit.name} has shape {g.shape}, the graph expects "
             f"({unit.out_channels},): variables and graph come from different widths"
         )
-    return jnp.abs(g.astype(jnp.float32))
+    return xp.abs(g.astype(xp.float32))
 
 
-def _segment_mask(seg: Segment, out: dict[str, Array]) -> Array:
+def _segment_mask(seg: Segment, out: dict[str, Array], xp: Any) -> Array:
     producers, start, stop = seg
     if INPUT in producers:
-        return jnp.ones((stop - start,), bool)
+        return xp.ones((stop - start,), bool)
     masks = [out[p][start:stop] for p in sorted(producers)]
-    return jnp.any(jnp.stack(masks), axis=0)
+    return xp.any(xp.stack(masks), axis=0)
 
 
 def liveness(
@@ -97,34 +104,39 @@ def liveness(
       graph: the model's `ChannelGraph`.
       threshold: relative liveness threshold (official 1e-2).
       dead_threshold: absolute all-dead threshold on max |γ| (official 1e-3).
+
+    Returns:
+      `Liveness` of jnp arrays, or of numpy arrays when every leaf of `variables` is a numpy
+      array (the host-side path, which compiles nothing).
     """
     params = _get(variables, ("params",), "'params' collection")
     masks = variables.get(MASKS, {}) if hasattr(variables, "get") else {}
+    xp = _xp((params, masks))
     gamma_live, gamma_dead = {}, {}
     for u in graph.units:
-        g = _gamma(params, u)
-        gmax = jnp.max(g)
+        g = _gamma(params, u, xp)
+        gmax = xp.max(g)
         gamma_dead[u.name] = gmax < dead_threshold
         if u.name in masks:
-            gamma_dead[u.name] |= jnp.max(masks[u.name]["mask"]) == 0
-        gamma_live[u.name] = jnp.ones_like(g, bool) if u.fixed else g >= threshold * gmax
+            gamma_dead[u.name] |= xp.max(masks[u.name]["mask"]) == 0
+        gamma_live[u.name] = xp.ones_like(g, bool) if u.fixed else g >= threshold * gmax
     streams = []
     for tie in graph.ties:
         member = [gamma_live[n] & ~gamma_dead[n] for n in sorted(tie)]
-        streams.append(jnp.any(jnp.stack(member), axis=0))
+        streams.append(xp.any(xp.stack(member), axis=0))
     out: dict[str, Array] = {}
     inp: dict[str, Array] = {}
     dead: dict[str, Array] = {}
     for u in graph.all_units:
         m_in = (
-            jnp.concatenate([_segment_mask(s, out) for s in u.inputs])
+            xp.concatenate([_segment_mask(s, out, xp) for s in u.inputs])
             if u.inputs
-            else jnp.ones((u.in_channels,), bool)
+            else xp.ones((u.in_channels,), bool)
         )
         inp[u.name] = m_in
         if u.kind != "conv":
             continue
-        is_dead = gamma_dead[u.name] | ~jnp.any(m_in)
+        is_dead = gamma_dead[u.name] | ~xp.any(m_in)
         m_out = streams[u.tie] if u.tie is not None else gamma_live[u.name]
         out[u.name] = m_out & ~is_dead
         dead[u.name] = is_dead
@@ -139,12 +151,13 @@ def utilization(live: Liveness, graph: ChannelGraph, resource: str = "params") -
     """
     if resource not in RESOURCES:
         raise ValueError(f"resource must be one of {RESOURCES}, got {resource!r}")
-    p_live = p_all = f_live = f_all = jnp.float32(0)
+    xp = _xp(live)
+    p_live = p_all = f_live = f_all = xp.float32(0)
     for u in graph.units:
         k2 = u.kernel[0] * u.kernel[1]
         hw = u.out_hw[0] * u.out_hw[1]
-        n_in = jnp.sum(live.inp[u.name], dtype=jnp.float32)
-        n_out = jnp.sum(live.out[u.name], dtype=jnp.float32)
+        n_in = xp.sum(live.inp[u.name], dtype=xp.float32)
+        n_out = xp.sum(live.out[u.name], dtype=xp.float32)
         w_live = n_in * n_out * k2
         p_live, p_all = p_live + w_live, p_all + u.weights
         f_live, f_all = f_live + w_live * hw, f_all + u.macs

@@ -1,0 +1,118 @@
+"""The run configuration: every field with its default (`base_config`) and its validation.
+
+Experiment configs (`experiments/configs/*.py`) start from `base_config()` and override fields.
+`validate` refuses a bad configuration before any compute, with one message naming the field, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A configuration field has a value that is not allowed."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields of a run, with defaults (a short Fashion-MNIST NR run)."""
+    c = ml_collections.ConfigDict()
+    c.model = "vgg_fmnist"
+    c.model_kwargs = ml_collections.ConfigDict()  # extra keyword arguments of the model factory
+    c.dataset = "fashion_mnist"
+    c.data_dir = ""  # tfds data dir ("" = default: $NR_JAX_DATA_DIR or ~/tensorflow_datasets)
+    c.train_limit = 0  # use the first N training examples (0 = all)
+    c.test_limit = 0
+    c.augment = False
+    c.seed = 0
+
+    c.batch_size = 64
+    c.eval_batch_size = 500
+    c.epochs = 10  # E: epochs after the search (the official schedule length)
+    c.optimizer = "sgd"  # "sgd" (official nr.SGD semantics) or "adamw"
+    c.lr = 0.1
+    c.momentum = 0.9
+    c.weight_decay = 1e-4
+    c.lr_milestones = (5, 8)  # epochs (since the search ended) where the LR is multiplied by
+    c.lr_gamma = 0.1  # lr_gamma
+
+    c.nr = ml_collections.ConfigDict()
+    c.nr.enabled = True  # False: a plain baseline (no L1, no rejuvenation)
+    c.nr.target = 0.25  # utilisation target T_r (CIFAR 0.25, ImageNet 0.5)
+    c.nr.lam = 1.5e-4  # sparsity coefficient λ (start value if adaptive)
+    c.nr.adaptive = False  # the official ImageNet controller: λ += lam_step when U fell < thres
+    c.nr.lam_step = 5e-5
+    c.nr.lam_threshold = 0.01
+    c.nr.lam_after = 0.0  # λ after rejuvenation (official: 0)
+    c.nr.resource = "params"  # budget measure: "params" or "flops"
+    c.nr.threshold = 1e-2  # channel live iff |γ| >= threshold * max |γ| of its unit
+    c.nr.dead_threshold = 1e-3  # unit all-dead iff max |γ| < dead_threshold
+    c.nr.max_search_epochs = 30  # search epochs before giving up on the target
+    c.nr.on_search_timeout = "rejuvenate"  # "rejuvenate" (at the utilisation reached) or "stop"
+    c.nr.min_width = 1  # every unit keeps at least this many channels
+    c.nr.new_gamma = 0.5  # BN γ of new channels
+
+    c.log_every_steps = 50
+    c.progress = True  # progress bar
+    c.tensorboard = True
+    c.checkpoint = True
+    c.keep_checkpoints = 3
+    return c
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` naming the first bad field; returns None when all is well."""
+    from nr_jax import data, models
+
+    missing = [k for k in base_config() if k not in config]
+    if missing:
+        raise ConfigError(f"config lacks the fields {missing}; start from nr_jax.config.base_config()")
+    if config.model not in models.names():
+        _fail("model", config.model, f"one of {models.names()}")
+    if config.dataset not in data.DATASET_INFO:
+        _fail("dataset", config.dataset, f"one of {sorted(data.DATASET_INFO)}")
+    for field in ("batch_size", "eval_batch_size", "epochs", "log_every_steps", "keep_checkpoints"):
+        value = config[field]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            _fail(field, value, "an integer >= 1")
+    for field in ("train_limit", "test_limit"):
+        if not isinstance(config[field], int) or config[field] < 0:
+            _fail(field, config[field], "an integer >= 0 (0 = all examples)")
+    if config.optimizer not in ("sgd", "adamw"):
+        _fail("optimizer", config.optimizer, "'sgd' or 'adamw'")
+    for field in ("lr", "weight_decay"):
+        if not config[field] >= 0:
+            _fail(field, config[field], "a number >= 0")
+    if not 0 <= config.momentum < 1:
+        _fail("momentum", config.momentum, "a number in [0, 1)")
+    if not 0 < config.lr_gamma <= 1:
+        _fail("lr_gamma", config.lr_gamma, "a number in (0, 1]")
+    ms = tuple(config.lr_milestones)
+    if any(not isinstance(m, int) or m < 0 for m in ms) or list(ms) != sorted(ms):
+        _fail("lr_milestones", ms, "increasing non-negative integers (epochs)")
+    nr = config.nr
+    if nr.enabled and not 0 < nr.target < 1:
+        _fail("nr.target", nr.target, "a utilisation in (0, 1) while nr.enabled")
+    for field in ("lam", "lam_step", "lam_after"):
+        if not nr[field] >= 0:
+            _fail(f"nr.{field}", nr[field], "a number >= 0")
+    if nr.resource not in ("params", "flops"):
+        _fail("nr.resource", nr.resource, "'params' or 'flops'")
+    if not 0 < nr.threshold < 1:
+        _fail("nr.threshold", nr.threshold, "a relative threshold in (0, 1)")
+    if not nr.dead_threshold >= 0:
+        _fail("nr.dead_threshold", nr.dead_threshold, "a number >= 0")
+    if not isinstance(nr.max_search_epochs, int) or nr.max_search_epochs < 1:
+        _fail("nr.max_search_epochs", nr.max_search_epochs, "an integer >= 1")
+    if nr.on_search_timeout not in ("rejuvenate", "stop"):
+        _fail("nr.on_search_timeout", nr.on_search_timeout, "'rejuvenate' or 'stop'")
+    if not isinstance(nr.min_width, int) or nr.min_width < 1:
+        _fail("nr.min_width", nr.min_width, "an integer >= 1")
+    if not nr.new_gamma > 0:
+        _fail("nr.new_gamma", nr.new_gamma, "a number > 0")

@@ -1,0 +1,455 @@
+"""Training with Neural Rejuvenation: state, jitted steps, the NR controller, `train_and_evaluate`.
+
+The outer loop follows the official code (method.md 1.3): utilisation is checked once per epoch,
+after training and evaluation; epochs before rejuvenation do not consume the LR schedule (the
+official epoch extension), so a run is k search epochs plus the configured E epochs; exactly one
+rejuvenation happens, after which λ is `nr.lam_after` (0 by default). The LR is a function of the
+epochs since the search ended, computed inside the jitted step from arrays in the state, so
+changing it never retraces. One model object, one `tx` and one pair of jitted steps exist per
+width configuration: the steps are traced exactly once per width configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nr_jax import data as nr_data
+from nr_jax import models
+from nr_jax.checkpoint import Checkpointer, CheckpointError
+from nr_jax.config import validate
+from nr_jax.graph import ChannelGraph, channel_graph
+from nr_jax.layers import MASKS, WidthSpec
+from nr_jax.liveness import count, liveness, utilization
+from nr_jax.schemes import head_logits, nr_loss
+from nr_jax.sparsity import get_lambda, l1_bn_scales, set_lambda
+from nr_jax.surgery import rejuvenate
+
+log = logging.getLogger("nr_jax")
+
+SEARCH, REJUVENATED, PLAIN = 0, 1, 2  # NR phase: searching, rejuvenated, no (more) NR
+PHASE_NAMES = {SEARCH: "search", REJUVENATED: "rejuvenated", PLAIN: "plain"}
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything that changes during training; arrays only (one trace per width config).
+
+    Attributes:
+      step: optimiser steps taken, int32.
+      epoch: epochs completed, int32.
+      sched_offset: search epochs that did not consume the LR schedule (k), int32.
+      phase: NR phase (SEARCH, REJUVENATED, PLAIN), int32.
+      params, batch_stats, masks: the model's variable collections.
+      opt_state: the optax state (holds λ in its `L1State`).
+      rng: PRNG key.
+    """
+
+    step: jax.Array
+    epoch: jax.Array
+    sched_offset: jax.Array
+    phase: jax.Array
+    params: Any
+    batch_stats: Any
+    masks: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats, MASKS: self.masks}
+
+
+def make_optimizer(config: ml_collections.ConfigDict, graph: ChannelGraph) -> optax.GradientTransformation:
+    """The optimiser chain without the learning rate (applied in the step from the schedule).
+
+    SGD as the official `nr.SGD` (method.md 1.4): L1 on BN γ, then weight decay on every parameter,
+    then momentum (PyTorch semantics). The chain depends only on the graph's structure.
+    """
+    parts = []
+    if config.nr.enabled:
+        parts.append(l1_bn_scales(graph, config.nr.lam))
+    if config.optimizer == "sgd":
+        parts += [optax.add_decayed_weights(config.weight_decay), optax.trace(config.momentum)]
+    elif config.optimizer == "adamw":
+        parts += [optax.scale_by_adam(), optax.add_decayed_weights(config.weight_decay)]
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
+    return optax.chain(*parts)
+
+
+def learning_rate(config: ml_collections.ConfigDict, state: TrainState) -> jax.Array:
+    """Step decay on the epochs since the search ended (the official epoch extension)."""
+    e = (state.epoch - state.sched_offset).astype(jnp.float32)
+    drops = sum(jnp.where(e >= m, 1.0, 0.0) for m in config.lr_milestones)
+    return jnp.asarray(config.lr, jnp.float32) * jnp.asarray(config.lr_gamma, jnp.float32) ** drops
+
+
+class Steps:
+    """The jitted train and eval steps of one width configuration, with trace counters."""
+
+    def __init__(self, model: nn.Module, tx: optax.GradientTransformation, graph: ChannelGraph,
+                 config: ml_collections.ConfigDict, counter: dict[str, int]) -> None:
+        self.model, self.tx, self.graph, self.config = model, tx, graph, config
+        self.counter = counter
+        self.train = jax.jit(self._train, donate_argnums=0)
+        self.eval = jax.jit(self._eval)
+
+    def _train(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        self.counter["train"] = self.counter.get("train", 0) + 1
+        model, tx = self.model, self.tx
+
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+            variables = {"params": params, "batch_stats": state.batch_stats, MASKS: state.masks}
+            out, upd = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+            return nr_loss(out, batch["label"]), (out, upd)
+
+        (loss, (out, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        lr = learning_rate(self.config, state)
+        params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+        new = state.replace(
+            step=state.step + 1, params=params, batch_stats=upd["batch_stats"], opt_state=opt_state
+        )
+        metrics = {"loss": loss, "lr": lr}
+        for name, logits in head_logits(out).items():
+            metrics[f"accuracy_{name}"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        if self.config.nr.enabled:
+            metrics["lambda"] = get_lambda(opt_state)
+            live = liveness(new.variables, self.graph)
+            metrics["utilization"] = utilization(live, self.graph, self.config.nr.resource).ratio
+        return new, metrics
+
+    def _eval(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        self.counter["eval"] = self.counter.get("eval", 0) + 1
+        out = self.model.apply(variables, batch["image"], train=False)
+        mask = batch["mask"]
+        metrics = {"loss_sum": nr_loss(out, batch["label"], mask) * jnp.sum(mask), "count": jnp.sum(mask)}
+        for name, logits in head_logits(out).items():
+            correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+            metrics[f"correct_{name}"] = jnp.sum(correct * mask)
+        return metrics
+
+
+def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict]) -> dict[str, float]:
+    """Test loss and accuracy (summed logits, and old/new heads after rejuvenation)."""
+    totals: dict[str, Any] = {}
+    for batch in batches:
+        m = steps.eval(state.variables, batch)
+        totals = m if not totals else jax.tree.map(jnp.add, totals, m)
+    totals = jax.device_get(totals)
+    n = float(totals["count"])
+    out = {"test_loss": float(totals["loss_sum"]) / n}
+    for key, value in totals.items():
+        if key.startswith("correct_"):
+            out["test_accuracy_" + key[len("correct_"):]] = float(value) / n
+    return out
+
+
+class MetricWriter:
+    """Metrics keyed by step to `metrics.jsonl` (and TensorBoard event files when available)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True) -> None:
+        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:  # pragma: no cover - optional
+                log.info("tensorboardX not installed: no TensorBoard event files")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self._tb.add_scalar(key, value, int(step))
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _py(v: Any) -> Any:
+    if isinstance(v, np.ndarray | jax.Array):
+        v = np.asarray(v).item() if np.ndim(v) == 0 else np.asarray(v).tolist()
+    if isinstance(v, np.generic):
+        v = v.item()
+    return v
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               image_shape: tuple[int, ...], key: jax.Array) -> TrainState:
+    """Initial variables and optimiser state."""
+    init_key, rng = jax.random.split(key)
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = jax.jit(lambda k, x: model.init(k, x, train=False))(init_key, x)
+    phase = SEARCH if config.nr.enabled else PLAIN
+    scalar = lambda v: jnp.array(v, jnp.int32)  # noqa: E731  (distinct buffers: the step donates)
+    return TrainState(
+        step=scalar(0), epoch=scalar(0), sched_offset=scalar(0), phase=scalar(phase),
+        params=variables["params"], batch_stats=variables["batch_stats"],
+        masks=variables[MASKS], opt_state=tx.init(variables["params"]), rng=rng,
+    )
+
+
+def _sticky_masks(masks: Any, dead: dict[str, Any]) -> Any:
+    """Zeroes the mask of every all-dead unit (sticky: a zero mask stays zero)."""
+    masks = flax.core.unfreeze(masks) if isinstance(masks, flax.core.FrozenDict) else masks
+    masks = jax.tree.map(lambda x: x, masks)
+    for name, is_dead in dead.items():
+        if bool(is_dead):
+            node = masks
+            path = name.split("/")
+            for key in path:
+                node = node[key]
+            node["mask"] = jnp.zeros_like(node["mask"])
+    return masks
+
+
+class Trainer:
+    """Holds the per-width-configuration objects (model, graph, jitted steps) of one run."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str) -> None:
+        self.config, self.workdir = config, workdir
+        self.info = nr_data.DATASET_INFO[config.dataset]
+        self.input_shape = (1, *self.info.image_shape)
+        self.counter: dict[str, int] = {}
+        self.model = models.get(config.model, num_classes=self.info.num_classes, **config.model_kwargs)
+        self.graph = channel_graph(self.model, self.input_shape)
+        self.tx = make_optimizer(config, self.graph)  # built once, reused after rejuvenation
+        self.steps = Steps(self.model, self.tx, self.graph, config, self.counter)
+        self.nr: dict[str, Any] = {"search_epochs": 0, "previous_util": 1.0, "history": []}
+
+    def set_widths(self, widths: WidthSpec) -> None:
+        self.model = self.model.clone(widths=widths)
+        self.graph = channel_graph(self.model, self.input_shape)
+        self.steps = Steps(self.model, self.tx, self.graph, self.config, self.counter)
+
+    def controller(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict[str, Any]]:
+        """The once-per-epoch NR decision (method.md 1.3). Returns the state and an event dict."""
+        nr = self.config.nr
+        event: dict[str, Any] = {}
+        if int(state.phase) != SEARCH:
+            return state, event
+        live = liveness(jax.device_get(state.variables), self.graph, threshold=nr.threshold,
+                        dead_threshold=nr.dead_threshold)
+        util = float(utilization(live, self.graph, nr.resource).ratio)
+        state = state.replace(masks=_sticky_masks(state.masks, live.dead),
+                              sched_offset=state.sched_offset + 1)
+        self.nr["search_epochs"] += 1
+        lam = float(get_lambda(state.opt_state))
+        if nr.adaptive:
+            lam = lam + nr.lam_step if self.nr["previous_util"] - util < nr.lam_threshold else lam
+            state = state.replace(opt_state=set_lambda(state.opt_state, lam))
+        self.nr["previous_util"] = util
+        event.update(utilization=util, lam=lam)
+        timed_out = self.nr["search_epochs"] >= nr.max_search_epochs
+        if util > nr.target and not timed_out:
+            return state, event
+        if util > nr.target:
+            log.warning("utilisation %.4f did not reach the target %.3f within %d search epochs: %s",
+                        util, nr.target, nr.max_search_epochs, nr.on_search_timeout)
+            event["search_timeout"] = True
+            if nr.on_search_timeout == "stop" or util >= 1.0:
+                state = state.replace(phase=jnp.asarray(PLAIN, jnp.int32),
+                                      opt_state=set_lambda(state.opt_state, nr.lam_after))
+                return state, event
+        res = rejuvenate(key, self.model, state.variables, state.opt_state, self.tx, self.graph,
+                         resource=nr.resource, min_width=nr.min_width, new_gamma=nr.new_gamma,
+                         threshold=nr.threshold, dead_threshold=nr.dead_threshold)
+        self.model, self.graph = res.model, res.graph
+        self.steps = Steps(self.model, self.tx, self.graph, self.config, self.counter)
+        v = res.variables
+        state = state.replace(
+            params=v["params"], batch_stats=v["batch_stats"], masks=v[MASKS],
+            opt_state=set_lambda(res.opt_state, nr.lam_after), phase=jnp.asarray(REJUVENATED, jnp.int32),
+        )
+        event["rejuvenation"] = res.report
+        return state, event
+
+
+def _meta(trainer: Trainer, state: TrainState, history: list[dict]) -> dict[str, Any]:
+    return {
+        "widths": trainer.model.widths.to_json(),
+        "epoch": int(state.epoch),
+        "phase": int(state.phase),
+        "nr": {k: v for k, v in trainer.nr.items() if k != "history"},
+        "history": history,
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config.model` on `config.dataset` with Neural Rejuvenation; returns a summary.
+
+    Writes into `workdir`: `metrics.jsonl`, TensorBoard events (`tb/`), checkpoints
+    (`checkpoints/`, resumed automatically), `rejuvenation.json` and `summary.json`.
+    """
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.time()
+    trainer = Trainer(config, workdir)
+    key = jax.random.key(config.seed)
+    state = init_state(trainer.model, trainer.tx, config, trainer.info.image_shape, key)
+    train_x, train_y = nr_data.load_arrays(config.dataset, "train", data_dir=config.data_dir or None,
+                                           limit=config.train_limit or None)
+    test_x, test_y = nr_data.load_arrays(config.dataset, "test", data_dir=config.data_dir or None,
+                                         limit=config.test_limit or None)
+    steps_per_epoch = nr_data.steps_per_epoch(len(train_x), config.batch_size)
+    history: list[dict] = []
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints) \
+        if config.checkpoint else None
+    if ckpt is not None and ckpt.latest_step() is not None:
+        state, history = _resume(trainer, ckpt)
+    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+    _log_widths(trainer, "start")
+    total_epochs = lambda: config.epochs + int(state.sched_offset) + (  # noqa: E731
+        1 if int(state.phase) == SEARCH else 0)
+    report = None
+    try:
+        while int(state.epoch) < total_epochs():
+            epoch = int(state.epoch)
+            state, train_metrics = _train_epoch(trainer, state, train_x, train_y, epoch,
+                                                steps_per_epoch, writer, total_epochs())
+            test_metrics = evaluate(trainer.steps, state,
+                                    nr_data.eval_batches(test_x, test_y, config.eval_batch_size,
+                                                         info=trainer.info))
+            state = state.replace(epoch=state.epoch + 1)
+            state, event = trainer.controller(state, jax.random.fold_in(key, 1_000_003 + epoch))
+            record = {"epoch": epoch + 1, **train_metrics, **test_metrics,
+                      "phase": PHASE_NAMES[int(state.phase)]}
+            if "utilization" in event:
+                record["epoch_utilization"] = event["utilization"]
+                record["lambda_next"] = event["lam"]
+            if "rejuvenation" in event:
+                report = event["rejuvenation"]
+                log.info("%s", report.summary())
+                _log_widths(trainer, "after rejuvenation")
+                with open(os.path.join(workdir, "rejuvenation.json"), "w") as f:
+                    json.dump({"epoch": epoch + 1, **report.as_dict()}, f, indent=1)
+                record["rejuvenated"] = True
+            history.append(record)
+            writer.write(int(state.step), {f"epoch/{k}": v for k, v in record.items()})
+            log.info("epoch %d: %s", epoch + 1, _fmt(record))
+            if ckpt is not None:
+                ckpt.save(int(state.epoch), state, _meta(trainer, state, history))
+    finally:
+        writer.close()
+        if ckpt is not None:
+            ckpt.close()
+    summary = _summary(trainer, state, history, report, time.time() - t_start)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def _train_epoch(trainer: Trainer, state: TrainState, xs: np.ndarray, ys: np.ndarray, epoch: int,
+                 steps_per_epoch: int, writer: MetricWriter, total: int) -> tuple[TrainState, dict]:
+    config = trainer.config
+    batches = nr_data.prefetch(nr_data.train_batches(
+        xs, ys, config.batch_size, seed=config.seed, epoch=epoch, augment=config.augment,
+        info=trainer.info))
+    bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{total}", config.progress)
+    sums: dict[str, Any] = {}
+    window: list[dict] = []
+    for i, batch in enumerate(batches):
+        state, metrics = trainer.steps.train(state, batch)
+        window.append(metrics)
+        if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch:
+            host = jax.device_get(window)
+            mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+            for m in host:
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            writer.write(int(state.step), {f"train/{k}": v for k, v in mean.items()})
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean['loss']:.3f}",
+                                U=f"{mean.get('utilization', float('nan')):.3f}",
+                                lam=f"{mean.get('lambda', 0.0):.1e}")
+                bar.update(len(window))
+            window = []
+    if bar is not None:
+        bar.close()
+    return state, {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list]:
+    def abstract(meta: dict) -> Any:
+        widths = WidthSpec.from_json(meta["widths"])
+        if widths != trainer.model.widths:
+            trainer.set_widths(widths)
+        shapes = jax.eval_shape(
+            lambda: init_state(trainer.model, trainer.tx, trainer.config, trainer.info.image_shape,
+                               jax.random.key(0)))
+        return shapes
+
+    try:
+        restored, meta, step = ckpt.restore(abstract)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume from {ckpt}: {e}") from e
+    trainer.nr.update(meta["nr"])
+    log.info("resumed from checkpoint at epoch %d (phase %s)", step, PHASE_NAMES[meta["phase"]])
+    return restored, list(meta["history"])
+
+
+def _log_widths(trainer: Trainer, when: str) -> None:
+    c = count(trainer.graph)
+    log.info("widths at %s: %s", when, trainer.graph.widths)
+    log.info("counts at %s: conv weights %d, total params %d, effective params %d, MACs %d "
+             "(effective %d)", when, c.conv, c.total, c.effective, c.macs, c.effective_macs)
+
+
+def _fmt(record: dict[str, Any]) -> str:
+    keys = ("train_loss", "test_accuracy_sum", "test_accuracy_old", "test_accuracy_new",
+            "epoch_utilization", "lambda_next", "phase")
+    return ", ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+                     for k in keys if k in record)
+
+
+def _summary(trainer: Trainer, state: TrainState, history: list[dict], report: Any,
+             wall: float) -> dict[str, Any]:
+    final = history[-1] if history else {}
+    summary = {
+        "model": trainer.config.model,
+        "dataset": trainer.config.dataset,
+        "epochs_run": int(state.epoch),
+        "search_epochs": int(state.sched_offset),
+        "phase": PHASE_NAMES[int(state.phase)],
+        "final_test_accuracy": final.get("test_accuracy_sum"),
+        "best_test_accuracy": max((h["test_accuracy_sum"] for h in history), default=None),
+        "traces": dict(trainer.counter),
+        "counts": count(trainer.graph)._asdict(),
+        "widths": trainer.graph.widths,
+        "wall_time_s": wall,
+    }
+    rej = next((h for h in history if h.get("rejuvenated")), None)
+    if rej is not None:
+        summary["rejuvenation_epoch"] = rej["epoch"]
+        summary["utilization_at_rejuvenation"] = rej["epoch_utilization"]
+    if report is not None:
+        summary["rejuvenation"] = report.as_dict()
+    return summary

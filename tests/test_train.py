@@ -1,0 +1,144 @@
+"""Training: one trace per width configuration, the schedule, and end-to-end runs."""
+
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nr_jax
+from nr_jax import train
+from nr_jax.config import ConfigError, base_config
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def tiny_config(**nr):
+    c = base_config()
+    c.model = "vgg_tiny"
+    c.batch_size = 32
+    c.eval_batch_size = 100
+    c.epochs = 2
+    c.lr_milestones = (1,)
+    c.train_limit = 640
+    c.test_limit = 200
+    c.log_every_steps = 5
+    c.progress = False
+    c.nr.lam = 1e-2  # strong: a few hundred steps must bring U below the target
+    c.nr.target = 0.9
+    c.nr.max_search_epochs = 5
+    c.nr.update(nr)
+    return c
+
+
+def synthetic_batch(seed, n=16, hw=28):
+    rng = np.random.default_rng(seed)
+    return {"image": jnp.asarray(rng.normal(size=(n, hw, hw, 1)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+            "mask": jnp.ones((n,), jnp.float32)}
+
+
+def test_one_trace_per_width_configuration():
+    config = tiny_config()
+    trainer = train.Trainer(config, workdir="")
+    state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
+    for i in range(3):
+        state, _ = trainer.steps.train(state, synthetic_batch(i))
+    trainer.steps.eval(state.variables, synthetic_batch(9))
+    state = state.replace(epoch=state.epoch + 1)  # epoch boundary (LR schedule input)
+    state = state.replace(opt_state=nr_jax.set_lambda(state.opt_state, 1e-3))  # λ change
+    masks = jax.tree.map(lambda m: m.at[0].set(0.0), state.masks)  # mask change
+    state = state.replace(masks=masks)
+    for i in range(3):
+        state, _ = trainer.steps.train(state, synthetic_batch(10 + i))
+    trainer.steps.eval(state.variables, synthetic_batch(9))
+    assert trainer.counter == {"train": 1, "eval": 1}
+    # rejuvenation: a new width configuration, traced once more, then reused
+    state, event = trainer.controller(
+        state.replace(opt_state=nr_jax.set_lambda(state.opt_state, 0.0)), jax.random.key(1))
+    if "rejuvenation" not in event:  # force it: the controller's decision is tested elsewhere
+        res = nr_jax.rejuvenate(jax.random.key(1), trainer.model, state.variables,
+                                state.opt_state, trainer.tx, trainer.graph)
+        trainer.set_widths(res.model.widths)
+        state = state.replace(params=res.variables["params"],
+                              batch_stats=res.variables["batch_stats"],
+                              masks=res.variables[nr_jax.MASKS], opt_state=res.opt_state)
+    for i in range(3):
+        state, metrics = trainer.steps.train(state, synthetic_batch(20 + i))
+        trainer.steps.eval(state.variables, synthetic_batch(9))
+    state = state.replace(epoch=state.epoch + 1)
+    state, metrics = trainer.steps.train(state, synthetic_batch(30))
+    assert trainer.counter == {"train": 2, "eval": 2}
+    assert "accuracy_old" in metrics and "accuracy_new" in metrics
+    chex.assert_tree_all_finite(state.params)
+
+
+def test_learning_rate_follows_epochs_since_search():
+    config = tiny_config()
+    config.lr, config.lr_milestones, config.lr_gamma = 0.1, (2, 4), 0.1
+    trainer = train.Trainer(config, workdir="")
+    state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
+
+    def lr(epoch, offset):
+        s = state.replace(epoch=jnp.int32(epoch), sched_offset=jnp.int32(offset))
+        return float(train.learning_rate(config, s))
+
+    assert lr(5, 5) == pytest.approx(0.1)  # still searching: the schedule has not started
+    assert lr(6, 5) == pytest.approx(0.1)
+    assert lr(7, 5) == pytest.approx(0.01)
+    assert lr(9, 5) == pytest.approx(0.001)
+
+
+def test_bad_config_is_refused_before_compute(tmp_path):
+    for field, value, match in (("model", "resnet9000", "config.model"),
+                                ("nr.target", 1.5, "config.nr.target"),
+                                ("nr.lam", -1.0, "config.nr.lam"),
+                                ("batch_size", 0, "config.batch_size")):
+        c = tiny_config()
+        node, key = (c.nr, field[3:]) if field.startswith("nr.") else (c, field)
+        node[key] = value
+        with pytest.raises(ConfigError, match=match):
+            train.train_and_evaluate(c, str(tmp_path / "x"))
+    assert not os.path.exists(tmp_path / "x")
+
+
+needs_fmnist = pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f"{FMNIST} missing "
+                                  "(apt-get install dataset-fashion-mnist)")
+
+
+@needs_fmnist
+@pytest.mark.real_data
+def test_end_to_end_on_real_fashion_mnist(tmp_path):
+    config = tiny_config()
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary["phase"] == "rejuvenated"
+    k = summary["search_epochs"]
+    assert 1 <= k <= config.nr.max_search_epochs
+    assert summary["epochs_run"] == config.epochs + k
+    assert summary["traces"] == {"train": 2, "eval": 2}
+    assert summary["final_test_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    history = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    epochs = [h for h in history if "epoch/epoch" in h]
+    assert len(epochs) == summary["epochs_run"]
+    assert sum(bool(h.get("epoch/rejuvenated")) for h in epochs) == 1
+    report = json.load(open(tmp_path / "rejuvenation.json"))
+    assert report["counts_after"]["effective"] < report["counts_after"]["total"]
+    # resuming a finished run from its checkpoint trains nothing more and restores the widths
+    again = train.train_and_evaluate(config, str(tmp_path))
+    assert again["widths"] == summary["widths"]
+    assert again["final_test_accuracy"] == summary["final_test_accuracy"]
+
+
+@needs_fmnist
+@pytest.mark.real_data
+def test_resume_after_rejuvenation_matches_uninterrupted_run(tmp_path):
+    full = train.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
+    short = tiny_config()
+    short.epochs = 1  # stops one epoch after the search ...
+    train.train_and_evaluate(short, str(tmp_path / "split"))
+    resumed = train.train_and_evaluate(tiny_config(), str(tmp_path / "split"))  # ... and resumes
+    assert resumed["widths"] == full["widths"]
+    assert resumed["final_test_accuracy"] == full["final_test_accuracy"]
