@@ -21,8 +21,10 @@ from nr_jax.liveness import Counts, Liveness, Utilization, count, liveness, util
 from nr_jax.schemes import head_logits, nr_loss, predict
 from nr_jax.sparsity import L1State, adapt_lambda, get_lambda, l1_bn_scales, set_lambda
 from nr_jax.surgery import (
+    ALLOCATIONS,
     Rejuvenation,
     RejuvenationReport,
+    integer_allocation,
     plan_widths,
     rejuvenate,
     sqrt_allocation,
@@ -31,6 +33,7 @@ from nr_jax.surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALLOCATIONS",
     "MASKS",
     "ChannelGraph",
     "Counts",
@@ -51,6 +54,7 @@ __all__ = [
     "count",
     "get_lambda",
     "head_logits",
+    "integer_allocation",
     "l1_bn_scales",
     "liveness",
     "models",

@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.dead_threshold = 1e-3  # unit all-dead iff max |γ| < dead_threshold
     c.nr.max_search_epochs = 30  # search epochs before giving up on the target
     c.nr.on_search_timeout = "rejuvenate"  # "rejuvenate" (at the utilisation reached) or "stop"
+    c.nr.allocation = "sqrt"  # width rule: "sqrt" (D = floor(L*r)) or "integer" (L*int(r))
     c.nr.min_width = 1  # every unit keeps at least this many channels
     c.nr.new_gamma = 0.5  # BN γ of new channels
 
@@ -112,6 +113,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("nr.max_search_epochs", nr.max_search_epochs, "an integer >= 1")
     if nr.on_search_timeout not in ("rejuvenate", "stop"):
         _fail("nr.on_search_timeout", nr.on_search_timeout, "'rejuvenate' or 'stop'")
+    from nr_jax.surgery import ALLOCATIONS
+
+    if nr.allocation not in ALLOCATIONS:
+        _fail("nr.allocation", nr.allocation, f"one of {sorted(ALLOCATIONS)}")
     if not isinstance(nr.min_width, int) or nr.min_width < 1:
         _fail("nr.min_width", nr.min_width, "an integer >= 1")
     if not nr.new_gamma > 0:

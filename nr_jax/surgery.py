@@ -48,6 +48,16 @@ def sqrt_allocation(graph: ChannelGraph, survivors: Mapping[str, int], r: float)
     return {name: int(math.floor(n * r)) for name, n in survivors.items()}
 
 
+def integer_allocation(
+    graph: ChannelGraph, survivors: Mapping[str, int], r: float
+) -> dict[str, int]:
+    """The official CIFAR DenseNet rule (method.md 3.1): D_out = L_out * int(r)."""
+    return sqrt_allocation(graph, survivors, float(int(r)))
+
+
+ALLOCATIONS: dict[str, Allocation] = {"sqrt": sqrt_allocation, "integer": integer_allocation}
+
+
 class AxisPlan:
     """New size of one axis and the old indices of its survivors (placed at [0, len(src)))."""
 

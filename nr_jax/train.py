@@ -35,7 +35,7 @@ from nr_jax.layers import MASKS, WidthSpec
 from nr_jax.liveness import count, liveness, utilization
 from nr_jax.schemes import head_logits, nr_loss
 from nr_jax.sparsity import get_lambda, l1_bn_scales, set_lambda
-from nr_jax.surgery import rejuvenate
+from nr_jax.surgery import ALLOCATIONS, rejuvenate
 
 log = logging.getLogger("nr_jax")
 
@@ -272,7 +272,8 @@ class Trainer:
                                       opt_state=set_lambda(state.opt_state, nr.lam_after))
                 return state, event
         res = rejuvenate(key, self.model, state.variables, state.opt_state, self.tx, self.graph,
-                         resource=nr.resource, min_width=nr.min_width, new_gamma=nr.new_gamma,
+                         resource=nr.resource, allocation=ALLOCATIONS[nr.allocation],
+                         min_width=nr.min_width, new_gamma=nr.new_gamma,
                          threshold=nr.threshold, dead_threshold=nr.dead_threshold)
         self.model, self.graph = res.model, res.graph
         self.steps = Steps(self.model, self.tx, self.graph, self.config, self.counter)
