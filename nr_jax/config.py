@@ -73,7 +73,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     missing = [k for k in base_config() if k not in config]
     if missing:
-        raise ConfigError(f"config lacks the fields {missing}; start from nr_jax.config.base_config()")
+        raise ConfigError(
+            f"config lacks the fields {missing}; start from nr_jax.config.base_config()"
+        )
     if config.model not in models.names():
         _fail("model", config.model, f"one of {models.names()}")
     if config.dataset not in data.DATASET_INFO:

@@ -98,7 +98,9 @@ class ChannelGraph:
         try:
             return self._index[name]  # type: ignore[attr-defined]
         except KeyError:
-            raise KeyError(f"no unit named {name!r}; units: {[u.name for u in self.units]}") from None
+            raise KeyError(
+                f"no unit named {name!r}; units: {[u.name for u in self.units]}"
+            ) from None
 
     @property
     def widths(self) -> dict[str, int]:
@@ -181,7 +183,9 @@ def _build(tracker: _tracking.Tracker, input_shape: tuple[int, ...], shapes: Any
         raise ValueError("the model has no nr_jax.layers.NRConv unit")
     classifiers = [r for r in records if r.kind == "classifier"]
     if len(classifiers) > 1:
-        raise ValueError(f"at most one NRClassifier is supported, got {[r.name for r in classifiers]}")
+        raise ValueError(
+            f"at most one NRClassifier is supported, got {[r.name for r in classifiers]}"
+        )
     ties = _merge_ties(tracker.ties)
     tie_of: Mapping[str, int] = {n: i for i, g in enumerate(ties) for n in g}
     units = [

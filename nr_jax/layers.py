@@ -129,7 +129,9 @@ class NRConv(nn.Module):
         tracker = _tracking.active()
         source = tracker.source_of(x, self._unit_name()) if tracker else None
         if self.scheme not in SCHEMES:
-            raise ValueError(f"NRConv {self.name}: scheme must be one of {SCHEMES}, got {self.scheme!r}")
+            raise ValueError(
+                f"NRConv {self.name}: scheme must be one of {SCHEMES}, got {self.scheme!r}"
+            )
         d_in, k = x.shape[-1], self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, d_in, self.features))
         dtype = self.dtype or jnp.float32
@@ -255,7 +257,9 @@ class NRClassifier(nn.Module):
 def conv_unit(widths: WidthSpec, name: str, features: int, **kwargs: Any) -> NRConv:
     """An `NRConv` named `name` whose width comes from `widths` (default `features`)."""
     w = widths.get(name, features)
-    return NRConv(features=w.features, in_split=w.in_split, out_split=w.out_split, name=name, **kwargs)
+    return NRConv(
+        features=w.features, in_split=w.in_split, out_split=w.out_split, name=name, **kwargs
+    )
 
 
 def classifier_unit(
@@ -271,13 +275,17 @@ def passthrough(fn: Callable[[Array], Array], x: Array) -> Array:
     return _tracking.passthrough(x, fn(x))
 
 
-def max_pool(x: Array, window: int = 2, strides: int | None = None, padding: Any = "VALID") -> Array:
+def max_pool(
+    x: Array, window: int = 2, strides: int | None = None, padding: Any = "VALID"
+) -> Array:
     """Max pooling over H, W (channel-preserving)."""
     s = strides or window
     return _tracking.passthrough(x, nn.max_pool(x, (window, window), (s, s), padding))
 
 
-def avg_pool(x: Array, window: int = 2, strides: int | None = None, padding: Any = "VALID") -> Array:
+def avg_pool(
+    x: Array, window: int = 2, strides: int | None = None, padding: Any = "VALID"
+) -> Array:
     """Average pooling over H, W (channel-preserving)."""
     s = strides or window
     return _tracking.passthrough(x, nn.avg_pool(x, (window, window), (s, s), padding))

@@ -80,7 +80,9 @@ class LeafPlan:
 
     def gather(self, old: np.ndarray, fill: np.ndarray) -> np.ndarray:
         """`fill` (new shape) with the survivors of `old` copied to their new place."""
-        index = [np.arange(n) if a is None else a.src for n, a in zip(old.shape, self.axes)]
+        index = [
+            np.arange(n) if a is None else a.src for n, a in zip(old.shape, self.axes, strict=True)
+        ]
         dst = tuple(slice(None) if a is None else slice(0, len(a.src)) for a in self.axes)
         out = np.array(fill, dtype=old.dtype, copy=True)
         out[dst] = old[np.ix_(*index)]
@@ -203,7 +205,9 @@ def plan_widths(
         if u.kind == "conv":
             plans[u.name] = _UnitPlan(keep[u.name], widths[u.name], in_src, d_in, dead[u.name])
         else:
-            plans[u.name] = _UnitPlan(np.arange(u.out_channels), u.out_channels, in_src, d_in, False)
+            plans[u.name] = _UnitPlan(
+                np.arange(u.out_channels), u.out_channels, in_src, d_in, False
+            )
     return plans
 
 
@@ -266,7 +270,9 @@ def rejuvenate(
     if graph.rejuvenated:
         raise ValueError("this network was already rejuvenated (one rejuvenation per network)")
     if not isinstance(getattr(model, "widths", None), WidthSpec):
-        raise TypeError(f"{type(model).__name__} needs a `widths: WidthSpec` field to be rejuvenated")
+        raise TypeError(
+            f"{type(model).__name__} needs a `widths: WidthSpec` field to be rejuvenated"
+        )
     host = _to_host(variables)
     for name in ("params", "batch_stats"):
         if name not in host:
@@ -316,7 +322,10 @@ def _width_spec(graph: ChannelGraph, plans: Mapping[str, _UnitPlan]) -> WidthSpe
 
 
 def _new_variables(
-    host: dict, graph: ChannelGraph, plans: Mapping[str, _UnitPlan], rng: np.random.Generator,
+    host: dict,
+    graph: ChannelGraph,
+    plans: Mapping[str, _UnitPlan],
+    rng: np.random.Generator,
     new_gamma: float,
 ) -> tuple[dict, dict]:
     """New variables and the LeafPlan of every parameter leaf (by path)."""
@@ -368,7 +377,7 @@ def _check_shapes(new_vars: Any, expected: Any) -> None:
     for path, leaf in got:
         if path in want and tuple(leaf.shape) != tuple(want[path].shape):
             raise ValueError(
-                f"rejuvenate: {jax.tree_util.keystr(path)} has shape {leaf.shape} but the new model "
+                f"rejuvenate: {jax.tree_util.keystr(path)} has shape {leaf.shape}, the new model "
                 f"expects {want[path].shape}; this model's units are not all nr_jax.layers units"
             )
     if len(got) != len(want):
@@ -388,10 +397,14 @@ _NON_PARAM = object()
 
 
 def _new_opt_state(
-    tx: optax.GradientTransformation, opt_state: Any, old_params: dict, new_params: dict,
+    tx: optax.GradientTransformation,
+    opt_state: Any,
+    old_params: dict,
+    new_params: dict,
     leaf_plans: Mapping[tuple[str, ...], LeafPlan],
 ) -> Any:
     """Optimiser state for the new params: survivors' slots carried, new slots zero."""
+
     def is_masked(x: Any) -> bool:
         return isinstance(x, optax.MaskedNode)
 
@@ -420,7 +433,7 @@ def _new_opt_state(
             "was it made by another optimiser or model?"
         )
     out = []
-    for label, old, init in zip(label_leaves, old_leaves, new_leaves):
+    for label, old, init in zip(label_leaves, old_leaves, new_leaves, strict=True):
         old_shape = tuple(np.shape(old))
         if label is _NON_PARAM:
             out.append(old if old_shape == tuple(np.shape(init)) else init)

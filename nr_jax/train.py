@@ -71,7 +71,9 @@ class TrainState(flax.struct.PyTreeNode):
         return {"params": self.params, "batch_stats": self.batch_stats, MASKS: self.masks}
 
 
-def make_optimizer(config: ml_collections.ConfigDict, graph: ChannelGraph) -> optax.GradientTransformation:
+def make_optimizer(
+    config: ml_collections.ConfigDict, graph: ChannelGraph
+) -> optax.GradientTransformation:
     """The optimiser chain without the learning rate (applied in the step from the schedule).
 
     SGD as the official `nr.SGD` (method.md 1.4): L1 on BN γ, then weight decay on every parameter,
@@ -99,8 +101,14 @@ def learning_rate(config: ml_collections.ConfigDict, state: TrainState) -> jax.A
 class Steps:
     """The jitted train and eval steps of one width configuration, with trace counters."""
 
-    def __init__(self, model: nn.Module, tx: optax.GradientTransformation, graph: ChannelGraph,
-                 config: ml_collections.ConfigDict, counter: dict[str, int]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        graph: ChannelGraph,
+        config: ml_collections.ConfigDict,
+        counter: dict[str, int],
+    ) -> None:
         self.model, self.tx, self.graph, self.config = model, tx, graph, config
         self.counter = counter
         self.train = jax.jit(self._train, donate_argnums=0)
@@ -135,7 +143,10 @@ class Steps:
         self.counter["eval"] = self.counter.get("eval", 0) + 1
         out = self.model.apply(variables, batch["image"], train=False)
         mask = batch["mask"]
-        metrics = {"loss_sum": nr_loss(out, batch["label"], mask) * jnp.sum(mask), "count": jnp.sum(mask)}
+        metrics = {
+            "loss_sum": nr_loss(out, batch["label"], mask) * jnp.sum(mask),
+            "count": jnp.sum(mask),
+        }
         for name, logits in head_logits(out).items():
             correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
             metrics[f"correct_{name}"] = jnp.sum(correct * mask)
@@ -153,7 +164,7 @@ def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict]) -> dict[s
     out = {"test_loss": float(totals["loss_sum"]) / n}
     for key, value in totals.items():
         if key.startswith("correct_"):
-            out["test_accuracy_" + key[len("correct_"):]] = float(value) / n
+            out["test_accuracy_" + key[len("correct_") :]] = float(value) / n
     return out
 
 
@@ -194,8 +205,13 @@ def _py(v: Any) -> Any:
     return v
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-               image_shape: tuple[int, ...], key: jax.Array) -> TrainState:
+def init_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    image_shape: tuple[int, ...],
+    key: jax.Array,
+) -> TrainState:
     """Initial variables and optimiser state."""
     init_key, rng = jax.random.split(key)
     x = jnp.zeros((1, *image_shape), jnp.float32)
@@ -203,9 +219,15 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, config: ml_co
     phase = SEARCH if config.nr.enabled else PLAIN
     scalar = lambda v: jnp.array(v, jnp.int32)  # noqa: E731  (distinct buffers: the step donates)
     return TrainState(
-        step=scalar(0), epoch=scalar(0), sched_offset=scalar(0), phase=scalar(phase),
-        params=variables["params"], batch_stats=variables["batch_stats"],
-        masks=variables[MASKS], opt_state=tx.init(variables["params"]), rng=rng,
+        step=scalar(0),
+        epoch=scalar(0),
+        sched_offset=scalar(0),
+        phase=scalar(phase),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        masks=variables[MASKS],
+        opt_state=tx.init(variables["params"]),
+        rng=rng,
     )
 
 
@@ -231,7 +253,9 @@ class Trainer:
         self.info = nr_data.DATASET_INFO[config.dataset]
         self.input_shape = (1, *self.info.image_shape)
         self.counter: dict[str, int] = {}
-        self.model = models.get(config.model, num_classes=self.info.num_classes, **config.model_kwargs)
+        self.model = models.get(
+            config.model, num_classes=self.info.num_classes, **config.model_kwargs
+        )
         self.graph = channel_graph(self.model, self.input_shape)
         self.tx = make_optimizer(config, self.graph)  # built once, reused after rejuvenation
         self.steps = Steps(self.model, self.tx, self.graph, config, self.counter)
@@ -248,11 +272,16 @@ class Trainer:
         event: dict[str, Any] = {}
         if int(state.phase) != SEARCH:
             return state, event
-        live = liveness(jax.device_get(state.variables), self.graph, threshold=nr.threshold,
-                        dead_threshold=nr.dead_threshold)
+        live = liveness(
+            jax.device_get(state.variables),
+            self.graph,
+            threshold=nr.threshold,
+            dead_threshold=nr.dead_threshold,
+        )
         util = float(utilization(live, self.graph, nr.resource).ratio)
-        state = state.replace(masks=_sticky_masks(state.masks, live.dead),
-                              sched_offset=state.sched_offset + 1)
+        state = state.replace(
+            masks=_sticky_masks(state.masks, live.dead), sched_offset=state.sched_offset + 1
+        )
         self.nr["search_epochs"] += 1
         lam = float(get_lambda(state.opt_state))
         if nr.adaptive:
@@ -264,23 +293,43 @@ class Trainer:
         if util > nr.target and not timed_out:
             return state, event
         if util > nr.target:
-            log.warning("utilisation %.4f did not reach the target %.3f within %d search epochs: %s",
-                        util, nr.target, nr.max_search_epochs, nr.on_search_timeout)
+            log.warning(
+                "utilisation %.4f did not reach the target %.3f within %d search epochs: %s",
+                util,
+                nr.target,
+                nr.max_search_epochs,
+                nr.on_search_timeout,
+            )
             event["search_timeout"] = True
             if nr.on_search_timeout == "stop" or util >= 1.0:
-                state = state.replace(phase=jnp.asarray(PLAIN, jnp.int32),
-                                      opt_state=set_lambda(state.opt_state, nr.lam_after))
+                state = state.replace(
+                    phase=jnp.asarray(PLAIN, jnp.int32),
+                    opt_state=set_lambda(state.opt_state, nr.lam_after),
+                )
                 return state, event
-        res = rejuvenate(key, self.model, state.variables, state.opt_state, self.tx, self.graph,
-                         resource=nr.resource, allocation=ALLOCATIONS[nr.allocation],
-                         min_width=nr.min_width, new_gamma=nr.new_gamma,
-                         threshold=nr.threshold, dead_threshold=nr.dead_threshold)
+        res = rejuvenate(
+            key,
+            self.model,
+            state.variables,
+            state.opt_state,
+            self.tx,
+            self.graph,
+            resource=nr.resource,
+            allocation=ALLOCATIONS[nr.allocation],
+            min_width=nr.min_width,
+            new_gamma=nr.new_gamma,
+            threshold=nr.threshold,
+            dead_threshold=nr.dead_threshold,
+        )
         self.model, self.graph = res.model, res.graph
         self.steps = Steps(self.model, self.tx, self.graph, self.config, self.counter)
         v = res.variables
         state = state.replace(
-            params=v["params"], batch_stats=v["batch_stats"], masks=v[MASKS],
-            opt_state=set_lambda(res.opt_state, nr.lam_after), phase=jnp.asarray(REJUVENATED, jnp.int32),
+            params=v["params"],
+            batch_stats=v["batch_stats"],
+            masks=v[MASKS],
+            opt_state=set_lambda(res.opt_state, nr.lam_after),
+            phase=jnp.asarray(REJUVENATED, jnp.int32),
         )
         event["rejuvenation"] = res.report
         return state, event
@@ -308,33 +357,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     trainer = Trainer(config, workdir)
     key = jax.random.key(config.seed)
     state = init_state(trainer.model, trainer.tx, config, trainer.info.image_shape, key)
-    train_x, train_y = nr_data.load_arrays(config.dataset, "train", data_dir=config.data_dir or None,
-                                           limit=config.train_limit or None)
-    test_x, test_y = nr_data.load_arrays(config.dataset, "test", data_dir=config.data_dir or None,
-                                         limit=config.test_limit or None)
+    train_x, train_y = nr_data.load_arrays(
+        config.dataset, "train", data_dir=config.data_dir or None, limit=config.train_limit or None
+    )
+    test_x, test_y = nr_data.load_arrays(
+        config.dataset, "test", data_dir=config.data_dir or None, limit=config.test_limit or None
+    )
     steps_per_epoch = nr_data.steps_per_epoch(len(train_x), config.batch_size)
     history: list[dict] = []
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints) \
-        if config.checkpoint else None
+    ckpt = (
+        Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+        if config.checkpoint
+        else None
+    )
     if ckpt is not None and ckpt.latest_step() is not None:
         state, history = _resume(trainer, ckpt)
     writer = MetricWriter(workdir, tensorboard=config.tensorboard)
     _log_widths(trainer, "start")
-    total_epochs = lambda: config.epochs + int(state.sched_offset) + (  # noqa: E731
-        1 if int(state.phase) == SEARCH else 0)
+    total_epochs = lambda: (
+        config.epochs
+        + int(state.sched_offset)
+        + (  # noqa: E731
+            1 if int(state.phase) == SEARCH else 0
+        )
+    )
     report = None
     try:
         while int(state.epoch) < total_epochs():
             epoch = int(state.epoch)
-            state, train_metrics = _train_epoch(trainer, state, train_x, train_y, epoch,
-                                                steps_per_epoch, writer, total_epochs())
-            test_metrics = evaluate(trainer.steps, state,
-                                    nr_data.eval_batches(test_x, test_y, config.eval_batch_size,
-                                                         info=trainer.info))
+            state, train_metrics = _train_epoch(
+                trainer, state, train_x, train_y, epoch, steps_per_epoch, writer, total_epochs()
+            )
+            test_metrics = evaluate(
+                trainer.steps,
+                state,
+                nr_data.eval_batches(test_x, test_y, config.eval_batch_size, info=trainer.info),
+            )
             state = state.replace(epoch=state.epoch + 1)
             state, event = trainer.controller(state, jax.random.fold_in(key, 1_000_003 + epoch))
-            record = {"epoch": epoch + 1, **train_metrics, **test_metrics,
-                      "phase": PHASE_NAMES[int(state.phase)]}
+            record = {
+                "epoch": epoch + 1,
+                **train_metrics,
+                **test_metrics,
+                "phase": PHASE_NAMES[int(state.phase)],
+            }
             if "utilization" in event:
                 record["epoch_utilization"] = event["utilization"]
                 record["lambda_next"] = event["lam"]
@@ -360,12 +426,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return summary
 
 
-def _train_epoch(trainer: Trainer, state: TrainState, xs: np.ndarray, ys: np.ndarray, epoch: int,
-                 steps_per_epoch: int, writer: MetricWriter, total: int) -> tuple[TrainState, dict]:
+def _train_epoch(
+    trainer: Trainer,
+    state: TrainState,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    epoch: int,
+    steps_per_epoch: int,
+    writer: MetricWriter,
+    total: int,
+) -> tuple[TrainState, dict]:
     config = trainer.config
-    batches = nr_data.prefetch(nr_data.train_batches(
-        xs, ys, config.batch_size, seed=config.seed, epoch=epoch, augment=config.augment,
-        info=trainer.info))
+    batches = nr_data.prefetch(
+        nr_data.train_batches(
+            xs,
+            ys,
+            config.batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            augment=config.augment,
+            info=trainer.info,
+        )
+    )
     bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{total}", config.progress)
     sums: dict[str, Any] = {}
     window: list[dict] = []
@@ -380,9 +462,11 @@ def _train_epoch(trainer: Trainer, state: TrainState, xs: np.ndarray, ys: np.nda
                     sums[k] = sums.get(k, 0.0) + float(v)
             writer.write(int(state.step), {f"train/{k}": v for k, v in mean.items()})
             if bar is not None:
-                bar.set_postfix(loss=f"{mean['loss']:.3f}",
-                                U=f"{mean.get('utilization', float('nan')):.3f}",
-                                lam=f"{mean.get('lambda', 0.0):.1e}")
+                bar.set_postfix(
+                    loss=f"{mean['loss']:.3f}",
+                    U=f"{mean.get('utilization', float('nan')):.3f}",
+                    lam=f"{mean.get('lambda', 0.0):.1e}",
+                )
                 bar.update(len(window))
             window = []
     if bar is not None:
@@ -404,8 +488,14 @@ def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list]:
         if widths != trainer.model.widths:
             trainer.set_widths(widths)
         shapes = jax.eval_shape(
-            lambda: init_state(trainer.model, trainer.tx, trainer.config, trainer.info.image_shape,
-                               jax.random.key(0)))
+            lambda: init_state(
+                trainer.model,
+                trainer.tx,
+                trainer.config,
+                trainer.info.image_shape,
+                jax.random.key(0),
+            )
+        )
         return shapes
 
     try:
@@ -420,19 +510,38 @@ def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list]:
 def _log_widths(trainer: Trainer, when: str) -> None:
     c = count(trainer.graph)
     log.info("widths at %s: %s", when, trainer.graph.widths)
-    log.info("counts at %s: conv weights %d, total params %d, effective params %d, MACs %d "
-             "(effective %d)", when, c.conv, c.total, c.effective, c.macs, c.effective_macs)
+    log.info(
+        "counts at %s: conv weights %d, total params %d, effective params %d, MACs %d "
+        "(effective %d)",
+        when,
+        c.conv,
+        c.total,
+        c.effective,
+        c.macs,
+        c.effective_macs,
+    )
 
 
 def _fmt(record: dict[str, Any]) -> str:
-    keys = ("train_loss", "test_accuracy_sum", "test_accuracy_old", "test_accuracy_new",
-            "epoch_utilization", "lambda_next", "phase")
-    return ", ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
-                     for k in keys if k in record)
+    keys = (
+        "train_loss",
+        "test_accuracy_sum",
+        "test_accuracy_old",
+        "test_accuracy_new",
+        "epoch_utilization",
+        "lambda_next",
+        "phase",
+    )
+    return ", ".join(
+        f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+        for k in keys
+        if k in record
+    )
 
 
-def _summary(trainer: Trainer, state: TrainState, history: list[dict], report: Any,
-             wall: float) -> dict[str, Any]:
+def _summary(
+    trainer: Trainer, state: TrainState, history: list[dict], report: Any, wall: float
+) -> dict[str, Any]:
     final = history[-1] if history else {}
     summary = {
         "model": trainer.config.model,

@@ -59,7 +59,7 @@ def zero_dead(variables: dict, live: nr_jax.Liveness) -> dict:
     return {**variables, "params": params}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(model: nn.Module, what: str):
     if what == "init":
         return jax.jit(lambda k, x: model.init(k, x, train=False))

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import apply, init, ThreeUnitNet, set_gammas
+from helpers import ThreeUnitNet, init, set_gammas
 
 import nr_jax
 
@@ -32,7 +32,11 @@ def test_graph_structure(net):
     assert graph.classifier.name == "head" and graph.classifier.in_channels == 2
     assert b.inputs == ((frozenset(["a"]), 0, 4),)
     assert a.inputs == ((frozenset([nr_jax.graph.INPUT]), 0, 2),)
-    assert graph.l1_scale_paths() == {("a", "bn", "scale"), ("b", "bn", "scale"), ("c", "bn", "scale")}
+    assert graph.l1_scale_paths() == {
+        ("a", "bn", "scale"),
+        ("b", "bn", "scale"),
+        ("c", "bn", "scale"),
+    }
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -97,8 +101,9 @@ def test_counts_vgg19_cifar():
     c = nr_jax.count(nr_jax.channel_graph(model, (1, 32, 32, 3)))
     assert c.total == 20_035_018  # method.md 5.3: 20.035M
     assert c.macs == 2_606_432_256  # 2.606 GMACs
-    c100 = nr_jax.count(nr_jax.channel_graph(nr_jax.models.get("vgg19_cifar", num_classes=100),
-                                             (1, 32, 32, 3)))
+    c100 = nr_jax.count(
+        nr_jax.channel_graph(nr_jax.models.get("vgg19_cifar", num_classes=100), (1, 32, 32, 3))
+    )
     assert round(c100.total / 1e6, 3) == 20.081
 
 
@@ -115,7 +120,9 @@ def test_mask_value_change_does_not_retrace(net):
     masks = jax.tree.map(jnp.zeros_like, variables[nr_jax.MASKS])
     out = f({**variables, nr_jax.MASKS: masks})
     assert len(traces) == 1
-    chex.assert_trees_all_close(out, jnp.broadcast_to(variables["params"]["head"]["bias"], out.shape))
+    chex.assert_trees_all_close(
+        out, jnp.broadcast_to(variables["params"]["head"]["bias"], out.shape)
+    )
 
 
 def test_untracked_op_gives_clear_error():

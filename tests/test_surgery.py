@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import apply, init, ThreeUnitNet, random_gammas, set_gammas, zero_dead
+from helpers import ThreeUnitNet, apply, init, random_gammas, set_gammas, zero_dead
 
 import nr_jax
 
@@ -18,8 +18,11 @@ XV = jax.random.normal(jax.random.key(7), (4, 16, 16, 1))
 
 
 def sgd_chain(graph):
-    return optax.chain(nr_jax.l1_bn_scales(graph, 1e-4), optax.add_decayed_weights(1e-4),
-                       optax.sgd(0.1, momentum=0.9))
+    return optax.chain(
+        nr_jax.l1_bn_scales(graph, 1e-4),
+        optax.add_decayed_weights(1e-4),
+        optax.sgd(0.1, momentum=0.9),
+    )
 
 
 def adamw_chain(graph):
@@ -28,10 +31,13 @@ def adamw_chain(graph):
 
 def masked_chain(graph):
     no_bn = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
-        lambda path, _: "bn" not in jax.tree_util.keystr(path), p)
-    return optax.chain(nr_jax.l1_bn_scales(graph, 1e-4),
-                       optax.masked(optax.add_decayed_weights(1e-4), no_bn),
-                       optax.sgd(0.1, momentum=0.9))
+        lambda path, _: "bn" not in jax.tree_util.keystr(path), p
+    )
+    return optax.chain(
+        nr_jax.l1_bn_scales(graph, 1e-4),
+        optax.masked(optax.add_decayed_weights(1e-4), no_bn),
+        optax.sgd(0.1, momentum=0.9),
+    )
 
 
 def vgg_setup(seed=0, dead_frac=0.5):
@@ -63,8 +69,11 @@ def test_widths_on_paper():
     res = nr_jax.rejuvenate(jax.random.key(1), model, variables, None, optax.identity(), graph)
     r = math.sqrt(224 / 96)
     assert res.report.r == pytest.approx(r)
-    assert res.report.widths_after == {"a": math.floor(2 * r), "b": math.floor(3 * r),
-                                       "c": math.floor(2 * r)}
+    assert res.report.widths_after == {
+        "a": math.floor(2 * r),
+        "b": math.floor(3 * r),
+        "c": math.floor(2 * r),
+    }
     a, b, c = res.graph.units
     assert (a.in_split, a.out_split, a.in_channels) == (2, 2, 2)  # stem: inputs never grow
     assert (b.in_split, b.out_split) == (2, 3)
@@ -83,7 +92,8 @@ def test_invariants(make_tx):
     new_params = res.variables["params"]
     # shapes: the new trees are exactly what the new model and tx.init produce
     chex.assert_trees_all_equal_shapes_and_dtypes(
-        res.variables, jax.eval_shape(lambda: init(res.model, jax.random.key(0), XV)))
+        res.variables, jax.eval_shape(lambda: init(res.model, jax.random.key(0), XV))
+    )
     chex.assert_trees_all_equal_shapes_and_dtypes(res.opt_state, tx.init(new_params))
     chex.assert_tree_all_finite(res.variables)
     chex.assert_tree_all_finite(res.opt_state)
@@ -96,8 +106,12 @@ def test_invariants(make_tx):
         lo, li = len(keep_out), len(keep_in)
         np.testing.assert_array_equal(new_k[:, :, :li, :lo], old_k[:, :, keep_in][..., keep_out])
         assert not np.any(new_k[:, :, li:, :lo])  # new inputs never reach survivors
-        for coll, leaf, fill in (("params", "scale", 0.5), ("params", "bias", 0.0),
-                                 ("batch_stats", "mean", 0.0), ("batch_stats", "var", 1.0)):
+        for coll, leaf, fill in (
+            ("params", "scale", 0.5),
+            ("params", "bias", 0.0),
+            ("batch_stats", "mean", 0.0),
+            ("batch_stats", "var", 1.0),
+        ):
             old = np.asarray(variables[coll][u.name]["bn"][leaf])
             new = np.asarray(res.variables[coll][u.name]["bn"][leaf])
             np.testing.assert_array_equal(new[:lo], old[keep_out])
@@ -105,15 +119,20 @@ def test_invariants(make_tx):
     # the optimiser state follows its channels: survivors carried, new slots zero, counters kept
     old_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     new_leaves = dict(jax.tree_util.tree_flatten_with_path(res.opt_state)[0])
-    conv1 = [(p, v) for p, v in old_leaves if "conv1" in jax.tree_util.keystr(p)
-             and "kernel" in jax.tree_util.keystr(p)]
+    conv1 = [
+        (p, v)
+        for p, v in old_leaves
+        if "conv1" in jax.tree_util.keystr(p) and "kernel" in jax.tree_util.keystr(p)
+    ]
     assert conv1, "no conv1 kernel moment in the optimiser state"
     keep_out = np.flatnonzero(live.out["conv1"])
     keep_in = np.flatnonzero(live.inp["conv1"])
     for path, old in conv1:
         new = np.asarray(new_leaves[path])
         li, lo = len(keep_in), len(keep_out)
-        np.testing.assert_array_equal(new[:, :, :li, :lo], np.asarray(old)[:, :, keep_in][..., keep_out])
+        np.testing.assert_array_equal(
+            new[:, :, :li, :lo], np.asarray(old)[:, :, keep_in][..., keep_out]
+        )
         assert not np.any(new[:, :, li:, :]) and not np.any(new[:, :, :, lo:])
     for path, old in old_leaves:
         if np.ndim(old) == 0:
@@ -138,8 +157,9 @@ def test_survivors_keep_training_signal_separate():
     res = nr_jax.rejuvenate(jax.random.key(0), model, variables, None, optax.identity(), graph)
 
     def loss(params):
-        out, _ = res.model.apply({**res.variables, "params": params}, XV, train=True,
-                                 mutable=["batch_stats"])
+        out, _ = res.model.apply(
+            {**res.variables, "params": params}, XV, train=True, mutable=["batch_stats"]
+        )
         return nr_jax.nr_loss(out, jnp.arange(XV.shape[0]) % 10)
 
     grads = jax.jit(jax.grad(loss))(res.variables["params"])
@@ -162,8 +182,9 @@ def test_same_key_same_result_and_purity():
     chex.assert_trees_all_equal(a.variables, b.variables)
     chex.assert_trees_all_equal(a.opt_state, b.opt_state)
     assert a.model == b.model and a.graph == b.graph
-    assert not np.array_equal(a.variables["params"]["conv2"]["kernel"],
-                              c.variables["params"]["conv2"]["kernel"])
+    assert not np.array_equal(
+        a.variables["params"]["conv2"]["kernel"], c.variables["params"]["conv2"]["kernel"]
+    )
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, (variables, state)), before)
 
 
@@ -179,16 +200,18 @@ def test_all_dead_unit_keeps_floor_width_and_zero_mask():
     gammas = {**GAMMAS, "c": [5e-4, 1e-4]}  # c all-dead
     variables = set_gammas(init(model, jax.random.key(0), X3), gammas)
     graph = nr_jax.channel_graph(model, X3.shape)
-    res = nr_jax.rejuvenate(jax.random.key(1), model, variables, None, optax.identity(), graph,
-                            min_width=2)
+    res = nr_jax.rejuvenate(
+        jax.random.key(1), model, variables, None, optax.identity(), graph, min_width=2
+    )
     assert res.report.dead_units == ("c",)
     assert res.graph["c"].out_channels == 2 and res.graph["c"].out_split == 0
     np.testing.assert_array_equal(res.variables[nr_jax.MASKS]["c"]["mask"], [0, 0])
     out = apply(res.model, res.variables, X3)
     chex.assert_tree_all_finite(out)
     with pytest.raises(ValueError, match="already rejuvenated"):
-        nr_jax.rejuvenate(jax.random.key(1), res.model, res.variables, None, optax.identity(),
-                          res.graph)
+        nr_jax.rejuvenate(
+            jax.random.key(1), res.model, res.variables, None, optax.identity(), res.graph
+        )
 
 
 def test_counters_after_rejuvenation():
@@ -210,8 +233,9 @@ def test_counters_after_rejuvenation():
 
 def test_flops_budget():
     model, variables, graph = vgg_setup(seed=5)
-    res = nr_jax.rejuvenate(jax.random.key(0), model, variables, None, optax.identity(), graph,
-                            resource="flops")
+    res = nr_jax.rejuvenate(
+        jax.random.key(0), model, variables, None, optax.identity(), graph, resource="flops"
+    )
     util = nr_jax.utilization(nr_jax.liveness(variables, graph), graph, "flops")
     assert res.report.r == pytest.approx(math.sqrt(float(util.total) / float(util.live)), rel=1e-5)
     assert res.report.counts_after.macs <= res.report.counts_before.macs
@@ -223,8 +247,9 @@ def test_custom_allocation_rule():
     def double(graph, survivors, r):
         return {n: 2 * k for n, k in survivors.items()}
 
-    res = nr_jax.rejuvenate(jax.random.key(0), model, variables, None, optax.identity(), graph,
-                            allocation=double)
+    res = nr_jax.rejuvenate(
+        jax.random.key(0), model, variables, None, optax.identity(), graph, allocation=double
+    )
     for name, k in res.report.survivors.items():
         assert res.report.widths_after[name] == max(2 * k, 1)
 

@@ -36,9 +36,11 @@ def tiny_config(**nr):
 
 def synthetic_batch(seed, n=16, hw=28):
     rng = np.random.default_rng(seed)
-    return {"image": jnp.asarray(rng.normal(size=(n, hw, hw, 1)), jnp.float32),
-            "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32),
-            "mask": jnp.ones((n,), jnp.float32)}
+    return {
+        "image": jnp.asarray(rng.normal(size=(n, hw, hw, 1)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+        "mask": jnp.ones((n,), jnp.float32),
+    }
 
 
 def test_one_trace_per_width_configuration():
@@ -58,14 +60,24 @@ def test_one_trace_per_width_configuration():
     assert trainer.counter == {"train": 1, "eval": 1}
     # rejuvenation: a new width configuration, traced once more, then reused
     state, event = trainer.controller(
-        state.replace(opt_state=nr_jax.set_lambda(state.opt_state, 0.0)), jax.random.key(1))
+        state.replace(opt_state=nr_jax.set_lambda(state.opt_state, 0.0)), jax.random.key(1)
+    )
     if "rejuvenation" not in event:  # force it: the controller's decision is tested elsewhere
-        res = nr_jax.rejuvenate(jax.random.key(1), trainer.model, state.variables,
-                                state.opt_state, trainer.tx, trainer.graph)
+        res = nr_jax.rejuvenate(
+            jax.random.key(1),
+            trainer.model,
+            state.variables,
+            state.opt_state,
+            trainer.tx,
+            trainer.graph,
+        )
         trainer.set_widths(res.model.widths)
-        state = state.replace(params=res.variables["params"],
-                              batch_stats=res.variables["batch_stats"],
-                              masks=res.variables[nr_jax.MASKS], opt_state=res.opt_state)
+        state = state.replace(
+            params=res.variables["params"],
+            batch_stats=res.variables["batch_stats"],
+            masks=res.variables[nr_jax.MASKS],
+            opt_state=res.opt_state,
+        )
     for i in range(3):
         state, metrics = trainer.steps.train(state, synthetic_batch(20 + i))
         trainer.steps.eval(state.variables, synthetic_batch(9))
@@ -93,10 +105,12 @@ def test_learning_rate_follows_epochs_since_search():
 
 
 def test_bad_config_is_refused_before_compute(tmp_path):
-    for field, value, match in (("model", "resnet9000", "config.model"),
-                                ("nr.target", 1.5, "config.nr.target"),
-                                ("nr.lam", -1.0, "config.nr.lam"),
-                                ("batch_size", 0, "config.batch_size")):
+    for field, value, match in (
+        ("model", "resnet9000", "config.model"),
+        ("nr.target", 1.5, "config.nr.target"),
+        ("nr.lam", -1.0, "config.nr.lam"),
+        ("batch_size", 0, "config.batch_size"),
+    ):
         c = tiny_config()
         node, key = (c.nr, field[3:]) if field.startswith("nr.") else (c, field)
         node[key] = value
@@ -105,8 +119,9 @@ def test_bad_config_is_refused_before_compute(tmp_path):
     assert not os.path.exists(tmp_path / "x")
 
 
-needs_fmnist = pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f"{FMNIST} missing "
-                                  "(apt-get install dataset-fashion-mnist)")
+needs_fmnist = pytest.mark.skipif(
+    not os.path.isdir(FMNIST), reason=f"{FMNIST} missing (apt-get install dataset-fashion-mnist)"
+)
 
 
 @needs_fmnist
@@ -120,11 +135,11 @@ def test_end_to_end_on_real_fashion_mnist(tmp_path):
     assert summary["epochs_run"] == config.epochs + k
     assert summary["traces"] == {"train": 2, "eval": 2}
     assert summary["final_test_accuracy"] > 0.3  # 10 classes: chance is 0.1
-    history = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epochs = [h for h in history if "epoch/epoch" in h]
     assert len(epochs) == summary["epochs_run"]
     assert sum(bool(h.get("epoch/rejuvenated")) for h in epochs) == 1
-    report = json.load(open(tmp_path / "rejuvenation.json"))
+    report = json.loads((tmp_path / "rejuvenation.json").read_text())
     assert report["counts_after"]["effective"] < report["counts_after"]["total"]
     # resuming a finished run from its checkpoint trains nothing more and restores the widths
     again = train.train_and_evaluate(config, str(tmp_path))

@@ -3,7 +3,8 @@
 Official command: `cifar.py -a vgg19_bn --epochs 300 --schedule 150 225 --gamma 0.1
 --nr-target 0.25 --nr-sparsity 1.5e-4` (batch 64, lr 0.1, momentum 0.9, wd 1e-4).
 Command here:
-    python -m experiments.main --config experiments/configs/cifar10_vgg19.py --workdir runs/c10_vgg19
+    python -m experiments.main --config experiments/configs/cifar10_vgg19.py \
+        --workdir runs/c10_vgg19
 
 Expected (official README): 4.19% test error with 9.99M effective parameters (20.04M allocated).
 Needs a GPU for a full run (300 + k epochs), and CIFAR-10 prepared for tfds (see README).

@@ -53,12 +53,19 @@ class VGG(nn.Module):
                 x = layers.max_pool(x, 2)
                 continue
             x = layers.conv_unit(
-                self.widths, f"conv{i}", v, kernel_size=3, gamma_init=self.gamma_init,
-                scheme=self.scheme, dtype=self.dtype,
+                self.widths,
+                f"conv{i}",
+                v,
+                kernel_size=3,
+                gamma_init=self.gamma_init,
+                scheme=self.scheme,
+                dtype=self.dtype,
             )(x, train)
             i += 1
         head = layers.classifier_unit(
-            self.widths, self.num_classes, bias_in_both_heads=self.bias_in_both_heads,
+            self.widths,
+            self.num_classes,
+            bias_in_both_heads=self.bias_in_both_heads,
             dtype=self.dtype,
         )
         return head(x)
