@@ -42,6 +42,7 @@ class UnitRecord:
     fixed: bool
     in_split: int | None
     out_split: int | None
+    scheme: str = "removed"
 
 
 class Tracker:

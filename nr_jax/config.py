@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.lam_step = 5e-5
     c.nr.lam_threshold = 0.01
     c.nr.lam_after = 0.0  # λ after rejuvenation (official: 0)
+    c.nr.scheme = "removed"  # mixing old/new neurons: "removed" (cross connections) or "attention"
     c.nr.resource = "params"  # budget measure: "params" or "flops"
     c.nr.threshold = 1e-2  # channel live iff |γ| >= threshold * max |γ| of its unit
     c.nr.dead_threshold = 1e-3  # unit all-dead iff max |γ| < dead_threshold
@@ -105,6 +106,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("lam", "lam_step", "lam_after"):
         if not nr[field] >= 0:
             _fail(f"nr.{field}", nr[field], "a number >= 0")
+    from nr_jax.layers import SCHEMES
+
+    if nr.scheme not in SCHEMES:
+        _fail("nr.scheme", nr.scheme, f"one of {SCHEMES}")
     if nr.resource not in ("params", "flops"):
         _fail("nr.resource", nr.resource, "'params' or 'flops'")
     if not 0 < nr.threshold < 1:

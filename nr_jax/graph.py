@@ -36,6 +36,7 @@ class Unit:
       fixed: outputs always live, no L1 on γ (always True for the classifier).
       in_split, out_split: split points after rejuvenation (None before).
       tie: index into `ChannelGraph.ties` of the residual stream the unit writes to, or None.
+      scheme: how old and new channels mix ("removed", "attention" or "dense").
     """
 
     name: str
@@ -50,6 +51,7 @@ class Unit:
     in_split: int | None
     out_split: int | None
     tie: int | None
+    scheme: str = "removed"
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -68,7 +70,7 @@ class Unit:
     @property
     def effective_weights(self) -> int:
         """Weights that take part in the forward pass (without zero cross blocks, method.md 5.3)."""
-        if self.kind == "classifier" or self.out_split is None or self.in_split is None:
+        if self.scheme != "removed" or self.out_split is None or self.in_split is None:
             return self.weights
         k2 = self.kernel[0] * self.kernel[1]
         l_in, l_out = self.in_split, self.out_split
@@ -202,6 +204,7 @@ def _build(tracker: _tracking.Tracker, input_shape: tuple[int, ...], shapes: Any
             in_split=r.in_split,
             out_split=r.out_split,
             tie=tie_of.get(r.name),
+            scheme=r.scheme,
         )
         for r in records
     ]

@@ -13,6 +13,11 @@ Widths are static module fields. After rejuvenation every channel axis is laid o
   new->new `W[:, :, L_in:, L_out:]`, and runs two convolutions. The cross blocks are stored as
   zeros and receive no gradient. Where a unit has no new input channels (the stem, or a unit fed
   only by units that did not grow), its new outputs read all inputs through `W[:, :, :, L_out:]`.
+* scheme ``"attention"`` (cross-attention, method.md 4.2, ImageNet): old = ll + 2σ(ll)·lr and
+  new = rr + 2σ(rr)·rl, with ll, rl from one convolution of the old inputs over `W[:, :, :L_in]`
+  and lr, rr from one convolution of the new inputs over `W[:, :, L_in:]` (two convolutions at
+  the dense FLOPs instead of the official four). The cross blocks start at zero, so old outputs
+  are unchanged at rejuvenation time. A unit without new (or without old) inputs is a plain conv.
 * scheme ``"dense"``: one full convolution over the whole kernel.
 
 Every helper that moves activations between units (`max_pool`, `avg_pool`, `relu`, `add`,
@@ -38,7 +43,7 @@ from nr_jax import _tracking
 
 Array = jax.Array
 MASKS = "nr_masks"
-SCHEMES = ("removed", "dense")
+SCHEMES = ("removed", "attention", "dense")
 
 
 def he_fan_out(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
@@ -163,6 +168,7 @@ class NRConv(nn.Module):
                     fixed=self.fixed,
                     in_split=self.in_split,
                     out_split=self.out_split,
+                    scheme=self.scheme,
                 )
             )
         return y
@@ -180,6 +186,8 @@ class NRConv(nn.Module):
                 f"NRConv {self.name}: split points must satisfy 0 <= in_split <= {d_in} and "
                 f"0 <= out_split <= {self.features}; got in_split={l_in}, out_split={l_out}"
             )
+        if self.scheme == "attention":
+            return self._attention(x, kernel, strides, l_in, l_out)
         parts = []
         if l_out > 0:
             if l_in > 0:
@@ -192,6 +200,19 @@ class NRConv(nn.Module):
             else:
                 parts.append(_conv(x, kernel[:, :, :, l_out:], strides))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+    def _attention(
+        self, x: Array, kernel: Array, strides: tuple[int, int], l_in: int, l_out: int
+    ) -> Array:
+        if l_in in (0, x.shape[-1]) or l_out in (0, self.features):
+            return _conv(x, kernel, strides)  # no second group to attend to
+        from_old = _conv(x[..., :l_in], kernel[:, :, :l_in], strides)  # [ll, rl]
+        from_new = _conv(x[..., l_in:], kernel[:, :, l_in:], strides)  # [lr, rr]
+        ll, rl = from_old[..., :l_out], from_old[..., l_out:]
+        lr, rr = from_new[..., :l_out], from_new[..., l_out:]
+        old = ll + 2.0 * jax.nn.sigmoid(ll) * lr
+        new = rr + 2.0 * jax.nn.sigmoid(rr) * rl
+        return jnp.concatenate([old, new], axis=-1)
 
 
 class NRClassifier(nn.Module):
@@ -249,6 +270,7 @@ class NRClassifier(nn.Module):
                     fixed=True,
                     in_split=self.in_split,
                     out_split=None,
+                    scheme="dense",
                 )
             )
         return out.astype(jnp.float32)

@@ -254,7 +254,10 @@ class Trainer:
         self.input_shape = (1, *self.info.image_shape)
         self.counter: dict[str, int] = {}
         self.model = models.get(
-            config.model, num_classes=self.info.num_classes, **config.model_kwargs
+            config.model,
+            num_classes=self.info.num_classes,
+            scheme=config.nr.scheme,
+            **config.model_kwargs,
         )
         self.graph = channel_graph(self.model, self.input_shape)
         self.tx = make_optimizer(config, self.graph)  # built once, reused after rejuvenation

@@ -40,8 +40,8 @@ def masked_chain(graph):
     )
 
 
-def vgg_setup(seed=0, dead_frac=0.5):
-    model = nr_jax.models.get("vgg_tiny", num_classes=10)
+def vgg_setup(seed=0, dead_frac=0.5, scheme="removed"):
+    model = nr_jax.models.get("vgg_tiny", num_classes=10, scheme=scheme)
     variables = init(model, jax.random.key(seed), XV)
     graph = nr_jax.channel_graph(model, XV.shape)
     variables, _ = random_gammas(variables, graph, seed, dead_frac)
@@ -139,8 +139,9 @@ def test_invariants(make_tx):
             np.testing.assert_array_equal(new_leaves[path], old)  # counters and λ kept
 
 
-def test_survivor_path_reproduces_old_network():
-    model, variables, graph = vgg_setup(seed=1)
+@pytest.mark.parametrize("scheme", ["removed", "attention"])
+def test_survivor_path_reproduces_old_network(scheme):
+    model, variables, graph = vgg_setup(seed=1, scheme=scheme)
     live = nr_jax.liveness(variables, graph)
     reference = apply(model, zero_dead(variables, live), XV)
     res = nr_jax.rejuvenate(jax.random.key(5), model, variables, None, optax.identity(), graph)
@@ -169,6 +170,29 @@ def test_survivors_keep_training_signal_separate():
         assert not np.any(g[:, :, li:, :lo])
         if li < u.in_channels:
             assert not np.any(g[:, :, :li, lo:])
+
+
+def test_cross_attention_trains_cross_blocks():
+    """Cross-attention: cross blocks start at zero but receive gradient; all weights count."""
+    model, variables, graph = vgg_setup(seed=2, scheme="attention")
+    res = nr_jax.rejuvenate(jax.random.key(0), model, variables, None, optax.identity(), graph)
+    assert res.report.counts_after.effective == res.report.counts_after.total
+
+    def loss(params):
+        out, _ = res.model.apply(
+            {**res.variables, "params": params}, XV, train=True, mutable=["batch_stats"]
+        )
+        return nr_jax.nr_loss(out, jnp.arange(XV.shape[0]) % 10)
+
+    grads = jax.jit(jax.grad(loss))(res.variables["params"])
+    split = [u for u in res.graph.units if 0 < u.in_split < u.in_channels]
+    assert split
+    for u in split:
+        w = np.asarray(res.variables["params"][u.name]["kernel"])
+        g = np.asarray(grads[u.name]["kernel"])
+        li, lo = u.in_split, u.out_split
+        assert not np.any(w[:, :, li:, :lo]) and not np.any(w[:, :, :li, lo:])
+        assert np.any(g[:, :, li:, :lo]) and np.any(g[:, :, :li, lo:])
 
 
 def test_same_key_same_result_and_purity():
