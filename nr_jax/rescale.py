@@ -1,0 +1,91 @@
+"""Neural rescaling (method.md 4.4), corrected: the function is preserved exactly.
+
+After rejuvenation, survivors whose |γ| is below the target t (new channels start at γ = 0.5) are
+brought up to |γ| = t so that old and new neurons start at comparable scales. For a channel with
+g = min(|γ|, t):
+
+    γ -> sign(γ) * t,  β -> β * t / g
+
+multiplies the unit's BN output (and, through ReLU, its activation) by t / g; the factor g / t is
+folded into exactly the consumers of that channel (every unit, and the classifier, that reads it,
+through concatenations), so every pre-BN activation downstream is unchanged, in eval and train
+mode, under both schemes. Fixed units and units tied to a residual stream are not rescaled and pass
+factor 1 (the official code multiplies their consumers by a uniform 1/t, which leaves running
+statistics stale, and leaves the logits scaled by t; its DenseNet folding is misaligned: all fixed
+here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nr_jax.graph import INPUT, ChannelGraph
+from nr_jax.surgery import _get, _set, _to_host
+
+
+def channel_factors(variables: Any, graph: ChannelGraph, target: float) -> dict[str, np.ndarray]:
+    """Per-unit output factor g / t (1 for fixed, tied and |γ| >= t channels)."""
+    params = _to_host(variables)["params"]
+    factors = {}
+    for u in graph.units:
+        gamma = np.asarray(_get(params, u.path + ("bn", "scale")), np.float32)
+        if u.fixed or u.tie is not None:
+            factors[u.name] = np.ones_like(gamma)
+            continue
+        g = np.minimum(np.abs(gamma), target)
+        factors[u.name] = np.where(g > 0, g / target, 1.0).astype(np.float32)
+    return factors
+
+
+def _input_factor(unit: Any, factors: dict[str, np.ndarray]) -> np.ndarray:
+    parts = []
+    for producers, start, stop in unit.inputs:
+        if INPUT in producers or len(producers) > 1:
+            parts.append(np.ones(stop - start, np.float32))  # image, or a residual stream
+        else:
+            (p,) = producers
+            parts.append(factors[p][start:stop])
+    return np.concatenate(parts) if parts else np.ones(unit.in_channels, np.float32)
+
+
+def rescale(variables: Any, graph: ChannelGraph, target: float = 0.5) -> dict[str, Any]:
+    """Neural rescaling as a pure function over the variables.
+
+    Args:
+      variables: {"params", "batch_stats", "nr_masks"} of a (typically rejuvenated) model.
+      graph: its channel graph.
+      target: t > 0; survivors with |γ| < t are brought to |γ| = t (official 0.5).
+
+    Returns:
+      New variables (numpy leaves) computing the same function.
+    """
+    if not target > 0:
+        raise ValueError(f"rescale: target must be > 0, got {target}")
+    host = _to_host(variables)
+    new = {k: v for k, v in host.items()}
+    new = {k: _copy_tree(v) for k, v in new.items()}
+    factors = channel_factors(host, graph, target)
+    for u in graph.all_units:
+        f_in = _input_factor(u, factors)
+        kernel = _get(host["params"], u.path + ("kernel",))
+        shape = (1, 1, -1, 1) if u.kind == "conv" else (-1, 1)
+        _set(new["params"], u.path + ("kernel",), kernel * f_in.reshape(shape).astype(kernel.dtype))
+        if u.kind != "conv" or u.fixed or u.tie is not None:
+            continue
+        f = factors[u.name]
+        gamma = _get(host["params"], u.path + ("bn", "scale"))
+        beta = _get(host["params"], u.path + ("bn", "bias"))
+        up = f < 1.0
+        _set(new["params"], u.path + ("bn", "scale"), np.where(up, np.sign(gamma) * target, gamma))
+        _set(
+            new["params"], u.path + ("bn", "bias"), np.where(up, beta / f, beta).astype(beta.dtype)
+        )
+    return new
+
+
+def _copy_tree(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _copy_tree(v) for k, v in tree.items()}
+    return tree
