@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.progress = True  # progress bar
     c.tensorboard = True
+    c.plots = True  # PNG plots in the run directory at the end
     c.checkpoint = True
     c.keep_checkpoints = 3
     return c

@@ -275,8 +275,9 @@ class Trainer:
         event: dict[str, Any] = {}
         if int(state.phase) != SEARCH:
             return state, event
+        host = jax.device_get(state.variables)
         live = liveness(
-            jax.device_get(state.variables),
+            host,
             self.graph,
             threshold=nr.threshold,
             dead_threshold=nr.dead_threshold,
@@ -324,6 +325,10 @@ class Trainer:
             threshold=nr.threshold,
             dead_threshold=nr.dead_threshold,
         )
+        event["gammas"] = {  # for the |γ| histograms of the run's plots
+            u.name.replace("/", "."): np.asarray(_at(host["params"], u.path)["bn"]["scale"])
+            for u in self.graph.units
+        }
         self.model, self.graph = res.model, res.graph
         self.steps = Steps(self.model, self.tx, self.graph, self.config, self.counter)
         v = res.variables
@@ -336,6 +341,12 @@ class Trainer:
         )
         event["rejuvenation"] = res.report
         return state, event
+
+
+def _at(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def _meta(trainer: Trainer, state: TrainState, history: list[dict]) -> dict[str, Any]:
@@ -414,6 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 with open(os.path.join(workdir, "rejuvenation.json"), "w") as f:
                     json.dump({"epoch": epoch + 1, **report.as_dict()}, f, indent=1)
                 record["rejuvenated"] = True
+                np.savez(os.path.join(workdir, "gammas_at_rejuvenation.npz"), **event["gammas"])
             history.append(record)
             writer.write(int(state.step), {f"epoch/{k}": v for k, v in record.items()})
             log.info("epoch %d: %s", epoch + 1, _fmt(record))
@@ -426,6 +438,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     summary = _summary(trainer, state, history, report, time.time() - t_start)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    if config.plots:
+        from nr_jax.plots import plot_run
+
+        summary["plots"] = plot_run(workdir)
     return summary
 
 

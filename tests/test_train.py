@@ -140,6 +140,8 @@ def test_end_to_end_on_real_fashion_mnist(tmp_path):
     assert len(epochs) == summary["epochs_run"]
     assert sum(bool(h.get("epoch/rejuvenated")) for h in epochs) == 1
     report = json.loads((tmp_path / "rejuvenation.json").read_text())
+    for name in ("utilization.png", "accuracy.png", "widths.png", "gammas.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
     assert report["counts_after"]["effective"] < report["counts_after"]["total"]
     # resuming a finished run from its checkpoint trains nothing more and restores the widths
     again = train.train_and_evaluate(config, str(tmp_path))

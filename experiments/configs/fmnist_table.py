@@ -1,0 +1,47 @@
+"""Configs of the Fashion-MNIST result table (`python -m experiments.reproduce_fmnist`).
+
+NR arm: search with L1 until U <= 0.25, rejuvenate, then E epochs. Baseline twin: no L1, no
+rejuvenation, E + k epochs with the milestones shifted by k (k = the NR arm's search epochs for the
+same seed), or E epochs. Sized for about an hour on 2 CPU cores: the first 10,000 training images
+(of 60,000) and the full 10,000-image test set.
+"""
+
+from nr_jax.config import base_config
+
+ARCHS = {"vgg": "vgg_fmnist", "resnet": "resnet_fmnist"}
+E = 6
+MILESTONES = (3, 5)
+
+
+def get_config(arch: str = "vgg"):
+    c = base_config()
+    c.model = ARCHS[arch]
+    c.dataset = "fashion_mnist"
+    c.train_limit = 10_000
+    c.batch_size = 128
+    c.epochs = E
+    c.lr = 0.1
+    c.lr_milestones = MILESTONES
+    c.nr.target = 0.25
+    c.nr.lam = 2e-3
+    c.nr.max_search_epochs = 8
+    c.log_every_steps = 20
+    c.checkpoint = False
+    c.tensorboard = False
+    return c
+
+
+def nr_config(arch: str, seed: int):
+    c = get_config(arch)
+    c.seed = seed
+    return c
+
+
+def baseline_config(arch: str, seed: int, k: int):
+    """The baseline twin: E + k epochs, milestones shifted by k (k = 0: the plain E epochs)."""
+    c = get_config(arch)
+    c.seed = seed
+    c.nr.enabled = False
+    c.epochs = E + k
+    c.lr_milestones = tuple(m + k for m in MILESTONES)
+    return c
