@@ -36,4 +36,4 @@ def get(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
-from nr_jax.models import vgg  # noqa: E402,F401  (registers the VGG family)
+from nr_jax.models import densenet, resnet, vgg, vgg_imagenet  # noqa: E402,F401  (registration)
