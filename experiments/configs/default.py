@@ -3,7 +3,7 @@
 Command (from the repository root):
     python -m experiments.main --config experiments/configs/default.py --workdir runs/default
 
-What it does: trains `vgg_fmnist` (6 NR units, 28x28x1 inputs) on the first 20,000 Fashion-MNIST
+What it does: trains `vgg_fmnist` (6 NR units, 28x28x1 inputs) on the first 10,000 Fashion-MNIST
 training images with the L1 pressure on BN scales until the parameter utilisation falls to the
 target, rejuvenates once (drop dead channels, widen every unit by r = sqrt(1/U)), then trains the
 mix of old and new neurons (cross connections removed, two-logit loss) for `epochs` more epochs,
@@ -17,13 +17,13 @@ def get_config():
     c = base_config()
     c.model = "vgg_fmnist"
     c.dataset = "fashion_mnist"
-    c.train_limit = 20_000
+    c.train_limit = 10_000
     c.batch_size = 128
     c.epochs = 6
     c.lr = 0.1
     c.lr_milestones = (3, 5)
     c.nr.target = 0.25
-    c.nr.lam = 2e-3  # stronger than CIFAR's 1.5e-4 so that the search takes a few epochs
+    c.nr.lam = 5e-3  # stronger than CIFAR's 1.5e-4 so that the search takes a few epochs
     c.nr.max_search_epochs = 8
     c.log_every_steps = 20
     return c

@@ -19,7 +19,7 @@ from nr_jax.models import register
 
 M = "M"  # max-pool 2x2 in a cfg
 VGG19_CIFAR = (64, 64, 128, 128, M, 256, 256, 256, 256, 512, 512, M, 512, 512, 512, 512, 512, 512)
-VGG_FMNIST = (32, 32, M, 64, 64, M, 128, 128)
+VGG_FMNIST = (16, 16, M, 32, 32, M, 64, 64)
 VGG_TINY = (8, M, 16, 16)
 
 
