@@ -1,29 +1,18 @@
-"""CIFAR-10 VGG-19 with Neural Rejuvenation: the official README row (method.md 5.2).
+"""CIFAR10 VGG-19 with Neural Rejuvenation: the official README row (method.md 5.2).
 
-Official command: `cifar.py -a vgg19_bn --epochs 300 --schedule 150 225 --gamma 0.1
---nr-target 0.25 --nr-sparsity 1.5e-4` (batch 64, lr 0.1, momentum 0.9, wd 1e-4).
-Command here:
-    python -m experiments.main --config experiments/configs/cifar10_vgg19.py \
-        --workdir runs/c10_vgg19
+Official command: `cifar.py -a vgg19_bn --epochs 300 --schedule 150 225 --gamma 0.1 --wd 1e-4
+--nr-target 0.25 --nr-sparsity 0.00015` (batch 64, lr 0.1, momentum 0.9).
+Commands here (variants: nr, baseline, quick):
+    python -m experiments.main --config experiments/configs/cifar10_vgg19.py --workdir runs/cifar10_vgg19
+    python -m experiments.main --config experiments/configs/cifar10_vgg19.py:baseline \
+        --workdir runs/cifar10_vgg19_baseline
 
-Expected (official README): 4.19% test error with 9.99M effective parameters (20.04M allocated).
-Needs a GPU for a full run (300 + k epochs), and CIFAR-10 prepared for tfds (see README).
+Should reach (official README): 4.19% test error with 9.99M effective parameters, after
+300 + k epochs on a GPU. Needs CIFAR10 (see README, "Data").
 """
 
-from nr_jax.config import base_config
+from experiments.configs.common import cifar
 
 
-def get_config():
-    c = base_config()
-    c.model = "vgg19_cifar"
-    c.dataset = "cifar10"
-    c.augment = True
-    c.batch_size = 64
-    c.epochs = 300
-    c.lr = 0.1
-    c.lr_milestones = (150, 225)
-    c.weight_decay = 1e-4
-    c.nr.target = 0.25
-    c.nr.lam = 1.5e-4
-    c.nr.max_search_epochs = 300
-    return c
+def get_config(variant: str = "nr"):
+    return cifar("cifar10", "vgg19_cifar", 0.00015, variant)
