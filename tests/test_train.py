@@ -159,3 +159,22 @@ def test_resume_after_rejuvenation_matches_uninterrupted_run(tmp_path):
     resumed = train.train_and_evaluate(tiny_config(), str(tmp_path / "split"))  # ... and resumes
     assert resumed["widths"] == full["widths"]
     assert resumed["final_test_accuracy"] == full["final_test_accuracy"]
+
+
+@pytest.mark.parametrize("outcome", ["stop", "rejuvenate"])
+def test_search_timeout_outcome(outcome, caplog):
+    config = tiny_config(target=0.05, max_search_epochs=1, on_search_timeout=outcome)
+    trainer = train.Trainer(config, workdir="")
+    state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
+    params = jax.tree.map(lambda x: x, state.params)
+    params["conv1"]["bn"]["scale"] = params["conv1"]["bn"]["scale"].at[:8].set(0.0)  # U < 1
+    state = state.replace(params=params)
+    state, event = trainer.controller(state, jax.random.key(1))
+    assert event["search_timeout"] and "did not reach the target" in caplog.text
+    assert int(state.sched_offset) == 1
+    if outcome == "stop":
+        assert int(state.phase) == train.PLAIN and "rejuvenation" not in event
+    else:
+        assert int(state.phase) == train.REJUVENATED
+        assert event["rejuvenation"].utilization > config.nr.target
+    assert float(nr_jax.get_lambda(state.opt_state)) == config.nr.lam_after
