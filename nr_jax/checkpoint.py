@@ -105,10 +105,52 @@ class _QuietOrbaxFilter(logging.Filter):
         return "/orbax/" not in path
 
 
+class _OrbaxAbandonedTaskFilter(logging.Filter):
+    """Defuses asyncio's "exception was never retrieved" reports for orbax tasks.
+
+    After a failed read orbax abandons its other in-flight asyncio tasks; when
+    they are garbage-collected asyncio logs each one at ERROR *with a traceback*.
+    That GC can run inside any ``ast.parse`` call, and formatting a traceback
+    there (CPython 3.11 parses source lines to place carets) trips CPython bug
+    gh-106905 ("SystemError: AST constructor recursion depth mismatch"), which
+    breaks the unrelated outer parse (seen as random pytest crashes).  These
+    records duplicate an error that :class:`Checkpointer` already handles and
+    reports, so for exceptions from orbax/TensorStore we drop the
+    traceback and demote the record to DEBUG (message and exception text kept).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not _raised_in_orbax(exc):
+            return True
+        record.msg = f"{record.getMessage()} [{type(exc).__name__}: {exc}]"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno = logging.DEBUG
+        record.levelname = logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def _raised_in_orbax(exc: BaseException) -> bool:
+    """True for exceptions from orbax code or TensorStore (orbax's I/O layer)."""
+    if "tensorstore" in str(exc).lower():
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if "/orbax/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _install_log_filter() -> None:
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(f, _QuietOrbaxFilter) for f in absl_logger.filters):
         absl_logger.addFilter(_QuietOrbaxFilter())
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrbaxAbandonedTaskFilter) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_OrbaxAbandonedTaskFilter())
 
 
 _install_log_filter()
@@ -426,7 +468,6 @@ class Checkpointer:
                 self._read_meta(step)
                 self._read_state_metadata(step)
             except Exception as e:  # noqa: BLE001 - any failure means "not valid"
-                _settle_after_orbax_failure()
                 logger.warning(
                     "Skipping invalid checkpoint step %d in %s: %s", step, self._directory, e
                 )
@@ -459,7 +500,6 @@ class Checkpointer:
         try:
             return self._read_meta(step)
         except Exception as e:
-            _settle_after_orbax_failure()
             raise CheckpointError(
                 f"cannot read meta of checkpoint step {step} in {self._directory}: {e}"
             ) from e
@@ -521,7 +561,6 @@ class Checkpointer:
                 meta = self._read_meta(cand)
                 stored = self._read_state_metadata(cand)
             except Exception as e:  # noqa: BLE001 - corrupt/partial checkpoint
-                _settle_after_orbax_failure()
                 failures.append(f"step {cand}: unreadable metadata ({type(e).__name__}: {e})")
                 self._warn_skip(cand, failures[-1], step)
                 continue
@@ -626,7 +665,11 @@ class Checkpointer:
         return meta
 
     def _read_state_metadata(self, step: int) -> dict[str, Any]:
-        item_meta = self._manager.item_metadata(step)
+        try:
+            item_meta = self._manager.item_metadata(step)
+        except Exception:
+            _settle_after_orbax_failure()
+            raise
         tree_meta = item_meta.get(_STATE)
         if tree_meta is None:
             raise CheckpointError(f"state metadata of step {step} is missing")

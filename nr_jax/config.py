@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.test_limit = 0
     c.augment = False
     c.seed = 0
+    # "improved": survivors' moments kept, bias once; "official": the official code's choices
+    # (fresh optimiser after rejuvenation, classifier bias in both heads). README lists each.
+    c.preset = "improved"
 
     c.batch_size = 64
     c.eval_batch_size = 500
@@ -55,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.allocation = "sqrt"  # width rule: "sqrt" (D = floor(L*r)) or "integer" (L*int(r))
     c.nr.min_width = 1  # every unit keeps at least this many channels
     c.nr.new_gamma = 0.5  # BN γ of new channels
+    c.nr.rescale_target = 0.0  # neural rescaling target t after rejuvenation (0 = off; paper 0.5)
+    c.nr.compress_only = False  # stop right after rejuvenation (ImageNet two-step flow, step 1)
 
     c.log_every_steps = 50
     c.progress = True  # progress bar
@@ -89,6 +94,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("train_limit", "test_limit"):
         if not isinstance(config[field], int) or config[field] < 0:
             _fail(field, config[field], "an integer >= 0 (0 = all examples)")
+    if config.preset not in ("improved", "official"):
+        _fail("preset", config.preset, "'improved' or 'official'")
     if config.optimizer not in ("sgd", "adamw"):
         _fail("optimizer", config.optimizer, "'sgd' or 'adamw'")
     for field in ("lr", "weight_decay"):
@@ -127,5 +134,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("nr.allocation", nr.allocation, f"one of {sorted(ALLOCATIONS)}")
     if not isinstance(nr.min_width, int) or nr.min_width < 1:
         _fail("nr.min_width", nr.min_width, "an integer >= 1")
+    if not nr.rescale_target >= 0:
+        _fail("nr.rescale_target", nr.rescale_target, "a number >= 0 (0 = no rescaling)")
     if not nr.new_gamma > 0:
         _fail("nr.new_gamma", nr.new_gamma, "a number > 0")

@@ -257,6 +257,7 @@ class Trainer:
             config.model,
             num_classes=self.info.num_classes,
             scheme=config.nr.scheme,
+            bias_in_both_heads=config.preset == "official",  # method.md 7.6
             **config.model_kwargs,
         )
         self.graph = channel_graph(self.model, self.input_shape)
@@ -332,15 +333,33 @@ class Trainer:
         self.model, self.graph = res.model, res.graph
         self.steps = Steps(self.model, self.tx, self.graph, self.config, self.counter)
         v = res.variables
+        # official preset: a fresh optimiser (all momentum lost); improved: survivors' moments kept
+        opt_state = self.tx.init(v["params"]) if self.config.preset == "official" else res.opt_state
         state = state.replace(
             params=v["params"],
             batch_stats=v["batch_stats"],
             masks=v[MASKS],
-            opt_state=set_lambda(res.opt_state, nr.lam_after),
+            opt_state=set_lambda(opt_state, nr.lam_after),
             phase=jnp.asarray(REJUVENATED, jnp.int32),
         )
         event["rejuvenation"] = res.report
+        if nr.rescale_target > 0 and not nr.compress_only:
+            state = self.maybe_rescale(state)  # the one-pass flow
         return state, event
+
+    def maybe_rescale(self, state: TrainState) -> TrainState:
+        """Neural rescaling (method.md 4.4), once, after rejuvenation; preserves the function."""
+        if self.nr.get("rescaled"):
+            return state
+        from nr_jax.rescale import rescale
+
+        new = rescale(state.variables, self.graph, self.config.nr.rescale_target)
+        self.nr["rescaled"] = True
+        log.info("neural rescaling applied (target %g)", self.config.nr.rescale_target)
+        return state.replace(
+            params=jax.tree.map(jnp.asarray, new["params"]),
+            batch_stats=jax.tree.map(jnp.asarray, new["batch_stats"]),
+        )
 
 
 def _at(tree: Any, path: tuple[str, ...]) -> Any:
@@ -388,13 +407,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, history = _resume(trainer, ckpt)
     writer = MetricWriter(workdir, tensorboard=config.tensorboard)
     _log_widths(trainer, "start")
-    total_epochs = lambda: (
-        config.epochs
-        + int(state.sched_offset)
-        + (  # noqa: E731
-            1 if int(state.phase) == SEARCH else 0
-        )
-    )
+    if int(state.phase) == REJUVENATED and config.nr.rescale_target > 0:
+        state = trainer.maybe_rescale(state)  # the second step of the two-step flow
+
+    def total_epochs() -> int:
+        return config.epochs + int(state.sched_offset) + (1 if int(state.phase) == SEARCH else 0)
+
     report = None
     try:
         while int(state.epoch) < total_epochs():
@@ -431,6 +449,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.info("epoch %d: %s", epoch + 1, _fmt(record))
             if ckpt is not None:
                 ckpt.save(int(state.epoch), state, _meta(trainer, state, history))
+            if "rejuvenation" in event and config.nr.compress_only:
+                log.info("compress-only: stopping after rejuvenation (resume to continue)")
+                break
     finally:
         writer.close()
         if ckpt is not None:

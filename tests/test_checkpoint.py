@@ -75,11 +75,9 @@ def _make_state(width: int, seed: int = 0) -> TrainState:
         opt_state=_fill(init(chain.init, params), seed),
         masked_opt_state=_fill(init(masked.init, params), seed + 1),
         adamw_state=_fill(init(adamw.init, params), seed + 2),
-        rng=jax.random.wrap_key_data(jnp.asarray(np.array([0, seed], np.uint32))),
+        rng=jax.random.key(seed),
         extra={
-            "keys": jax.random.wrap_key_data(
-                jnp.asarray(np.arange(6, dtype=np.uint32).reshape(3, 2) + seed)
-            ),
+            "keys": jax.random.split(jax.random.key(seed + 1), 3),
             "np_counts": np.arange(width, dtype=np.uint32),
             "np_scalar": np.float32(2.5),
             "zero_d": jnp.asarray(3, jnp.uint32),
@@ -433,3 +431,30 @@ def test_closed_checkpointer_rejects_calls(tmp_path: Path) -> None:
     ckpt.close()  # idempotent
     with pytest.raises(CheckpointError, match="closed"):
         ckpt.save(0, {"w": jnp.ones(1)}, {})
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs several (CPU) devices")
+def test_restore_with_named_sharding(tmp_path: Path) -> None:
+    n = jax.device_count()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    spec = jax.sharding.PartitionSpec("data")
+    sharded = jax.device_put(
+        jnp.arange(2 * n * 3, dtype=jnp.float32).reshape(2 * n, 3),
+        jax.sharding.NamedSharding(mesh, spec),
+    )
+    keys = jax.random.split(jax.random.key(0), n)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(0, {"w": sharded, "keys": keys}, {})
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        restored, _, _ = ckpt.restore(
+            lambda m: {
+                "w": jax.ShapeDtypeStruct(sharded.shape, sharded.dtype, sharding=replicated),
+                "keys": jax.ShapeDtypeStruct(
+                    keys.shape, keys.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)
+                ),
+            }
+        )
+    assert restored["w"].sharding == replicated
+    np.testing.assert_array_equal(restored["w"], sharded)
+    assert restored["keys"].sharding.spec == spec
+    np.testing.assert_array_equal(jax.random.key_data(restored["keys"]), jax.random.key_data(keys))

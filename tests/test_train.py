@@ -178,3 +178,26 @@ def test_search_timeout_outcome(outcome, caplog):
         assert int(state.phase) == train.REJUVENATED
         assert event["rejuvenation"].utilization > config.nr.target
     assert float(nr_jax.get_lambda(state.opt_state)) == config.nr.lam_after
+
+
+@needs_fmnist
+@pytest.mark.real_data
+def test_two_step_flow_and_official_preset(tmp_path):
+    """Step 1 stops right after rejuvenation; step 2 resumes, rescales once and trains on.
+    The official preset starts the optimiser afresh after rejuvenation (all momentum lost)."""
+    step1 = tiny_config(compress_only=True, rescale_target=0.5)
+    step1.preset = "official"
+    s1 = train.train_and_evaluate(step1, str(tmp_path))
+    assert s1["phase"] == "rejuvenated" and s1["epochs_run"] == s1["search_epochs"]
+    step2 = tiny_config(rescale_target=0.5)
+    step2.preset = "official"
+    trainer = train.Trainer(step2, str(tmp_path))
+    from nr_jax.checkpoint import Checkpointer
+
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        state, _ = train._resume(trainer, ckpt)
+    assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state)[1:])
+    s2 = train.train_and_evaluate(step2, str(tmp_path))
+    assert s2["epochs_run"] == step2.epochs + s1["search_epochs"]
+    meta = json.loads((tmp_path / "summary.json").read_text())
+    assert meta["final_test_accuracy"] > 0.2

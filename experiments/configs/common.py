@@ -6,7 +6,10 @@ Every paper-row file calls `cifar(...)` or `imagenet(...)` and exposes
 * `nr`: the official NR run;
 * `baseline`: its twin without L1 and rejuvenation (same network, same schedule length E);
 * `quick`: the NR run shrunk to CPU-minutes (1,000 training images, 2 epochs after the search,
-  at most 2 search epochs) to check a setup end to end.
+  at most 2 search epochs) to check a setup end to end;
+* `compress`: step 1 of the official ImageNet two-step flow: stop right after rejuvenation (the
+  checkpoint holds the new widths); step 2 is the `nr` variant in the same workdir, which resumes
+  and applies neural rescaling (`nr.rescale_target`) before training on.
 
 Select a variant on the command line with `--config path/to/file.py:baseline`.
 """
@@ -24,13 +27,16 @@ def _variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.Confi
     if variant == "baseline":
         c.nr.enabled = False
         return c
+    if variant == "compress":
+        c.nr.compress_only = True
+        return c
     if variant == "quick":
         c.train_limit, c.test_limit = 1000, 500
         c.epochs, c.lr_milestones = 2, (1,)
         c.nr.max_search_epochs = 2
         c.batch_size = min(c.batch_size, 64)
         return c
-    raise ValueError(f"variant must be 'nr', 'baseline' or 'quick', got {variant!r}")
+    raise ValueError(f"variant must be 'nr', 'baseline', 'quick' or 'compress', got {variant!r}")
 
 
 def cifar(dataset: str, model: str, lam: float, variant: str, **nr) -> ml_collections.ConfigDict:
@@ -56,6 +62,7 @@ def imagenet(model: str, variant: str, **nr) -> ml_collections.ConfigDict:
     c.nr.target, c.nr.lam, c.nr.adaptive = 0.5, 0.0, True
     c.nr.lam_step, c.nr.lam_threshold = 5e-5, 0.01
     c.nr.scheme = "attention"
+    c.nr.rescale_target = 0.5  # README: --nr-bn-target 0.5 when resuming the compressed model
     c.nr.max_search_epochs = 100
     c.nr.update(nr)
     return _variant(c, variant)
