@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.rescale_target = 0.0  # neural rescaling target t after rejuvenation (0 = off; paper 0.5)
     c.nr.compress_only = False  # stop right after rejuvenation (ImageNet two-step flow, step 1)
 
+    c.data_parallel = True  # shard the batch over all devices (jax.sharding Mesh), state replicated
     c.log_every_steps = 50
     c.progress = True  # progress bar
     c.tensorboard = True
@@ -91,6 +92,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = config[field]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             _fail(field, value, "an integer >= 1")
+    import jax
+
+    if config.data_parallel:
+        n = jax.device_count()
+        for field in ("batch_size", "eval_batch_size"):
+            if config[field] % n:
+                _fail(
+                    field, config[field], f"a multiple of the {n} devices (or data_parallel=False)"
+                )
     for field in ("train_limit", "test_limit"):
         if not isinstance(config[field], int) or config[field] < 0:
             _fail(field, config[field], "an integer >= 0 (0 = all examples)")

@@ -2,24 +2,38 @@
 
 Pipeline (no TensorFlow anywhere; ``tensorflow`` is never imported):
 
-1. ``FashionMnistLocal`` is a ``tfds.core.GeneratorBasedBuilder`` (registered as
-   ``fashion_mnist_local``) that reads the local IDX ``.gz`` files shipped by the Debian
-   package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist`` by default,
-   overridable with ``source_dir=`` or ``$NR_JAX_FASHION_MNIST_DIR``). It is prepared
-   with ``download_and_prepare(download_config=tfds.download.DownloadConfig(...))`` into
-   ``array_record`` files under the tfds data dir (``~/tensorflow_datasets`` by default,
-   overridable with ``data_dir=`` or ``$NR_JAX_DATA_DIR``) and read back with
-   ``builder.as_data_source()``.
+1. Small datasets (``load_arrays``): Fashion-MNIST, CIFAR-10 and CIFAR-100.
 
-   tfds-without-TF caveat: ``tfds.features.Image.encode_example`` encodes *numpy*
+   * An official tfds dataset (``cifar10`` / ``cifar100``) that is already prepared in
+     ``array_record`` format under the tfds data dir (``~/tensorflow_datasets`` by
+     default, overridable with ``data_dir=`` or ``$NR_JAX_DATA_DIR``) is read directly
+     with ``tfds.builder_from_directory(<data_dir>/<name>/<version>).as_data_source()``.
+     That is what ``tfds.builder(name, data_dir=...)`` returns for a prepared dataset,
+     but it does not import the dataset's builder code and it accepts any prepared
+     version. A dataset prepared only as ``tfrecord`` (the tfds default) cannot be read
+     without TensorFlow; ``DatasetNotFoundError`` then says how to re-prepare it.
+   * Otherwise nr_jax builds a *local* tfds dataset from the raw files:
+     ``FashionMnistLocal`` (``fashion_mnist_local``) from the IDX ``.gz`` files of the
+     Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``,
+     ``source_dir=`` or ``$NR_JAX_FASHION_MNIST_DIR``), and ``Cifar10Local`` /
+     ``Cifar100Local`` (``cifar10_local`` / ``cifar100_local``) from the python-pickle
+     archives ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` or their extracted
+     folders ``cifar-10-batches-py/`` / ``cifar-100-python/`` (looked for in
+     ``source_dir=``, else ``$NR_JAX_CIFAR_DIR``, else the data dir). They are prepared
+     with ``download_and_prepare`` into ``array_record`` files and read back with
+     ``as_data_source()``. The local builders keep the original file order
+     (``disable_shuffling=True``), so ``limit=k`` means "the first k examples of the
+     official files"; the official tfds datasets are stored in tfds' shuffled order.
+
+   tfds-without-TF caveats: ``tfds.features.Image.encode_example`` encodes *numpy*
    images with ``tf.image.encode_png``, which needs TensorFlow. It also accepts
-   already-encoded bytes, so the builder PNG-encodes each image with Pillow and yields
-   the bytes. Decoding on the read side (``deserialize_example_np``) uses Pillow, so
-   reading works without TensorFlow as well. ``DatasetInfo(disable_shuffling=True)``
-   keeps the original IDX order, so ``limit=k`` means "the first k examples of the
-   official file". tfds 4.9.10 also needs ``importlib_resources`` (undeclared
-   dependency, tensorflow/datasets#11212) to prepare a builder defined inside a package;
-   ``FashionMnistLocal.code_path`` is overridden so that it does not.
+   already-encoded bytes, so the local builders PNG-encode each image with Pillow and
+   yield the bytes. Decoding on the read side (``deserialize_example_np``) uses Pillow.
+   tfds 4.9.10 also needs ``importlib_resources`` (undeclared dependency,
+   tensorflow/datasets#11212) to prepare a builder defined inside a package;
+   ``code_path`` is overridden so that it does not. The ``tfds`` command-line tool
+   itself imports TensorFlow, so the ``tfds build`` commands suggested in error messages
+   must run in an environment that has it.
 
 2. Per-example decoding through the data source is slow (~4k examples/s), so
    ``load_arrays`` decodes a whole split once and caches it as an uncompressed ``.npz``
@@ -29,26 +43,40 @@ Pipeline (no TensorFlow anywhere; ``tensorflow`` is never imported):
    on purpose: tfds treats an existing version directory as "already prepared".
 
 3. ``train_batches`` / ``eval_batches`` / ``prefetch`` turn the arrays into fixed-shape
-   float32 host batches for a jitted train/eval step.
+   float32 host batches for a jitted train/eval step (CIFAR: random crop with 4 px
+   padding plus horizontal flip).
 
-To add a dataset (e.g. CIFAR-10), write a builder that accepts ``data_dir`` and
-``source_dir`` keyword arguments and implements ``check_source_files()``, then add an
-entry to ``_REGISTRY`` and ``DATASET_INFO``.
+4. ImageNet is far too big for ``load_arrays``. ``load_imagenet_source`` returns the
+   random-access ``as_data_source()`` of the tfds ``imagenet2012`` dataset prepared in
+   array_record (images left JPEG-encoded), and ``train_batches_from_source`` /
+   ``eval_batches_from_source`` decode, crop and resize each example on the fly on a
+   thread pool (torchvision's ``RandomResizedCrop(224)`` + flip for training,
+   ``Resize(256)`` + ``CenterCrop(224)`` for evaluation).
+
+To add a small dataset, write a ``_LocalBuilder`` subclass (``check_source_files`` and
+``_generate_examples(split)``) and add an entry to ``_REGISTRY`` and ``DATASET_INFO``.
 """
 
 from __future__ import annotations
 
+import abc
+import collections
+import concurrent.futures
 import dataclasses
 import gzip
+import importlib.util
 import inspect
 import io
+import json
 import logging
 import math
 import os
+import pickle
 import queue
+import tarfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -58,23 +86,30 @@ from etils import epath
 from PIL import Image
 
 __all__ = [
+    "CIFAR_DIR_ENV",
     "DATASET_INFO",
     "DATA_DIR_ENV",
     "DEFAULT_DATA_DIR",
     "DEFAULT_FASHION_MNIST_DIR",
     "FASHION_MNIST_DIR_ENV",
+    "Cifar100Local",
+    "Cifar10Local",
     "DatasetInfo",
     "DatasetNotFoundError",
     "FashionMnistLocal",
     "eval_batches",
+    "eval_batches_from_source",
     "known_datasets",
     "load_arrays",
+    "load_image_source",
+    "load_imagenet_source",
     "normalize",
     "prefetch",
     "prepare_dataset",
     "resolve_data_dir",
     "steps_per_epoch",
     "train_batches",
+    "train_batches_from_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,12 +118,14 @@ T = TypeVar("T")
 
 DATA_DIR_ENV = "NR_JAX_DATA_DIR"
 FASHION_MNIST_DIR_ENV = "NR_JAX_FASHION_MNIST_DIR"
+CIFAR_DIR_ENV = "NR_JAX_CIFAR_DIR"
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 _CACHE_DIRNAME = "nr_jax_cache"
 _CACHE_FORMAT = 1  # Bump to invalidate every cache written by an older nr_jax.
 _DECODE_CHUNK = 4096
+_ARRAY_RECORD = "array_record"
 
 # IDX magic numbers: two zero bytes, a dtype code (0x08 = uint8) and the number of dims.
 _IDX_UINT8 = 0x08
@@ -108,12 +145,28 @@ FASHION_MNIST_CLASS_NAMES = (
     "Ankle boot",
 )
 
+CIFAR10_CLASS_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
 # tfds split name -> file prefix of the IDX files.
 _FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
 
+IMAGENET_NAME = "imagenet2012"
+_IMAGENET_DOWNLOAD_URL = "https://image-net.org/download-images"
+
 
 class DatasetNotFoundError(FileNotFoundError):
-    """The raw source files of a dataset are missing on this machine."""
+    """The data of a dataset is missing (or unreadable without TensorFlow) on this machine."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +175,7 @@ class DatasetInfo:
 
     Attributes:
         num_classes: Number of label classes.
-        image_shape: ``(H, W, C)`` of one image.
+        image_shape: ``(H, W, C)`` of one (model input) image.
         mean: Per-channel mean of ``pixels / 255`` over the training set, length ``C``.
         std: Per-channel standard deviation of ``pixels / 255``, length ``C``.
     """
@@ -145,15 +198,31 @@ class DatasetInfo:
             raise ValueError(f"std entries must be > 0; got {self.std!r}")
 
 
+# The official Neural Rejuvenation code normalises CIFAR-100 with the CIFAR-10 constants.
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
 DATASET_INFO: dict[str, DatasetInfo] = {
     "fashion_mnist": DatasetInfo(
         num_classes=10, image_shape=(28, 28, 1), mean=(0.2860,), std=(0.3530,)
+    ),
+    "cifar10": DatasetInfo(
+        num_classes=10, image_shape=(32, 32, 3), mean=_CIFAR_MEAN, std=_CIFAR_STD
+    ),
+    "cifar100": DatasetInfo(
+        num_classes=100, image_shape=(32, 32, 3), mean=_CIFAR_MEAN, std=_CIFAR_STD
+    ),
+    IMAGENET_NAME: DatasetInfo(
+        num_classes=1000,
+        image_shape=(224, 224, 3),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
     ),
 }
 
 
 # --------------------------------------------------------------------------------------
-# Paths and raw IDX reading
+# Paths and raw file reading
 # --------------------------------------------------------------------------------------
 
 
@@ -171,10 +240,12 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(data_dir).expanduser().absolute()
 
 
-def _resolve_fashion_mnist_dir(source_dir: str | os.PathLike[str] | None) -> Path:
-    if source_dir is None:
-        source_dir = os.environ.get(FASHION_MNIST_DIR_ENV) or DEFAULT_FASHION_MNIST_DIR
-    return Path(source_dir).expanduser().absolute()
+def _resolve_dir(
+    explicit: str | os.PathLike[str] | None, env: str, default: str | os.PathLike[str]
+) -> Path:
+    if explicit is None:
+        explicit = os.environ.get(env) or default
+    return Path(explicit).expanduser().absolute()
 
 
 def _fashion_mnist_paths(source_dir: Path, split: str) -> tuple[Path, Path]:
@@ -210,49 +281,276 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
 
 
 def _encode_png(image: np.ndarray) -> bytes:
-    """PNG-encodes a uint8 ``(H, W)`` or ``(H, W, 1)`` image with Pillow (no TF)."""
+    """PNG-encodes a uint8 ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` image with Pillow."""
+    image = np.ascontiguousarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image.reshape(image.shape[:2])), mode="L").save(
-        buffer, format="PNG"
-    )
+    Image.fromarray(image, mode="L" if image.ndim == 2 else "RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
+@dataclasses.dataclass(frozen=True)
+class _CifarLayout:
+    """File layout of one python-pickle CIFAR archive (as distributed by its authors)."""
+
+    name: str  # Official tfds name, e.g. "cifar10".
+    title: str
+    archive: str  # e.g. "cifar-10-python.tar.gz".
+    folder: str  # Top-level folder inside the archive, e.g. "cifar-10-batches-py".
+    files: dict[str, tuple[str, ...]]  # tfds split -> pickle files, in order.
+    label_key: bytes
+    num_classes: int
+
+    @property
+    def url(self) -> str:
+        return f"https://www.cs.toronto.edu/~kriz/{self.archive}"
+
+
+_CIFAR10_LAYOUT = _CifarLayout(
+    name="cifar10",
+    title="CIFAR-10",
+    archive="cifar-10-python.tar.gz",
+    folder="cifar-10-batches-py",
+    files={"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
+    label_key=b"labels",
+    num_classes=10,
+)
+_CIFAR100_LAYOUT = _CifarLayout(
+    name="cifar100",
+    title="CIFAR-100",
+    archive="cifar-100-python.tar.gz",
+    folder="cifar-100-python",
+    files={"train": ("train",), "test": ("test",)},
+    label_key=b"fine_labels",
+    num_classes=100,
+)
+
+# The only globals a CIFAR pickle needs (numpy 1.x files say numpy.core, 2.x numpy._core).
+_PICKLE_ALLOWED = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+_NUMPY_CORE = "numpy._core" if importlib.util.find_spec("numpy._core") else "numpy.core"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that only resolves the numpy globals a CIFAR batch contains."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        canonical = module.replace("numpy._core", "numpy.core", 1)
+        if (canonical, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name} from a CIFAR pickle (only numpy arrays, "
+                "lists, dicts and bytes are expected)"
+            )
+        if canonical.startswith("numpy.core"):
+            module = _NUMPY_CORE + canonical[len("numpy.core") :]
+        return super().find_class(module, name)
+
+
+def _load_cifar_pickle(raw: bytes, where: str) -> dict[bytes, Any]:
+    batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise ValueError(f"{where}: expected a pickled dict, got {type(batch).__name__}")
+    return batch
+
+
+def _read_cifar_split(
+    layout: _CifarLayout, kind: str, path: Path, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one split of a CIFAR pickle folder or archive.
+
+    Args:
+        layout: Which CIFAR.
+        kind: ``"folder"`` (``path`` holds the pickle files) or ``"archive"`` (``path``
+            is the ``.tar.gz``).
+        path: Folder or archive.
+        split: ``"train"`` or ``"test"``.
+
+    Returns:
+        ``(images, labels)``: uint8 ``(N, 32, 32, 3)`` (HWC) and int64 ``(N,)``, in file
+        order.
+    """
+    names = layout.files[split]
+    raw: dict[str, bytes] = {}
+    if kind == "folder":
+        for name in names:
+            raw[name] = (path / name).read_bytes()
+    else:
+        wanted = {f"{layout.folder}/{name}": name for name in names}
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                key = member.name.removeprefix("./")
+                if key in wanted and member.isfile():
+                    handle = archive.extractfile(member)
+                    assert handle is not None  # A regular file always has a handle.
+                    raw[wanted[key]] = handle.read()
+        missing = [member for member, name in wanted.items() if name not in raw]
+        if missing:
+            raise DatasetNotFoundError(
+                f"{path} does not contain {', '.join(missing)}: not a complete "
+                f"{layout.title} python archive (download it again from {layout.url})"
+            )
+    images, labels = [], []
+    for name in names:
+        where = f"{path}/{name}" if kind == "folder" else f"{path}:{layout.folder}/{name}"
+        batch = _load_cifar_pickle(raw.pop(name), where)
+        if b"data" not in batch or layout.label_key not in batch:
+            raise ValueError(
+                f"{where}: expected keys b'data' and {layout.label_key!r}; got {sorted(batch)}"
+            )
+        data = np.asarray(batch[b"data"])
+        batch_labels = np.asarray(batch[layout.label_key], dtype=np.int64)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(
+                f"{where}: expected uint8 data (N, 3072); got {data.dtype} {data.shape}"
+            )
+        if batch_labels.shape != (data.shape[0],):
+            raise ValueError(
+                f"{where}: {data.shape[0]} images but labels of shape {batch_labels.shape}"
+            )
+        if batch_labels.size and (
+            batch_labels.min() < 0 or batch_labels.max() >= layout.num_classes
+        ):
+            raise ValueError(f"{where}: labels outside [0, {layout.num_classes})")
+        # Rows are channel-major: 1024 red, 1024 green, 1024 blue values (CHW).
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(batch_labels)
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
 # --------------------------------------------------------------------------------------
-# tfds builder
+# Prepared official tfds datasets (array_record only)
 # --------------------------------------------------------------------------------------
 
 
-class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
-    """Fashion-MNIST from local IDX ``.gz`` files, stored as array_record.
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """Version directories of one tfds dataset found under a data dir.
 
-    Features: ``image`` (uint8 ``(28, 28, 1)``, PNG-encoded on disk) and ``label``
-    (``ClassLabel`` with 10 classes). Splits: ``train`` (60000) and ``test`` (10000),
-    in the original file order.
+    Attributes:
+        name: tfds dataset name.
+        root: The tfds data dir that was searched.
+        readable: Highest version directory that has array_record files, if any.
+        unreadable: ``(version dir, formats)`` of prepared versions without array_record.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {
-        "1.0.0": "Local IDX files, PNG-encoded images, original order."
-    }
+    name: str
+    root: Path
+    readable: Path | None
+    unreadable: tuple[tuple[Path, tuple[str, ...]], ...]
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / self.name
+
+    def build_command(self) -> str:
+        return f"tfds build {self.name} --file_format={_ARRAY_RECORD} --data_dir={self.root}"
+
+    def tfrecord_message(self) -> str:
+        found = "; ".join(f"{path} ({', '.join(fmts)})" for path, fmts in self.unreadable)
+        return (
+            f"tfds dataset {self.name!r} is prepared at {found}, but not in {_ARRAY_RECORD} "
+            "format. Those files can only be read with TensorFlow, which nr_jax does not "
+            f"use. Re-prepare it in {_ARRAY_RECORD} format with `{self.build_command()}` "
+            "(run it where TensorFlow is installed: the tfds command-line tool imports it)."
+        )
+
+
+def _file_formats(info_path: Path) -> tuple[str, ...] | None:
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError) as err:
+        logger.warning("Ignoring unreadable %s: %s", info_path, err)
+        return None
+    # tfds leaves `fileFormat` out of dataset_info.json for the legacy default, tfrecord.
+    formats = [info.get("fileFormat") or "tfrecord"]
+    formats += [f for f in info.get("alternativeFileFormats", []) if f not in formats]
+    return tuple(formats)
+
+
+def _find_prepared(root: Path, name: str) -> _Prepared:
+    """Scans ``<root>/<name>/<version>/dataset_info.json`` for prepared versions."""
+    versions: list[tuple[tfds.core.Version, Path, tuple[str, ...]]] = []
+    dataset_dir = root / name
+    if dataset_dir.is_dir():
+        for child in dataset_dir.iterdir():
+            try:
+                version = tfds.core.Version(child.name)
+            except ValueError:  # nr_jax_cache, incomplete.* (tfds' temporary dirs), ...
+                continue
+            info_path = child / "dataset_info.json"
+            formats = _file_formats(info_path) if info_path.is_file() else None
+            if formats is not None:
+                versions.append((version, child, formats))
+    versions.sort(key=lambda item: item[0])
+    readable = [path for _, path, fmts in versions if _ARRAY_RECORD in fmts]
+    return _Prepared(
+        name=name,
+        root=root,
+        readable=readable[-1] if readable else None,
+        unreadable=tuple((path, fmts) for _, path, fmts in versions if _ARRAY_RECORD not in fmts),
+    )
+
+
+def _official_builder(prepared: _Prepared) -> tfds.core.DatasetBuilder:
+    assert prepared.readable is not None
+    logger.info("Reading tfds %s from %s", prepared.name, prepared.readable)
+    return tfds.builder_from_directory(os.fspath(prepared.readable))
+
+
+# --------------------------------------------------------------------------------------
+# Local tfds builders (raw files -> array_record)
+# --------------------------------------------------------------------------------------
+
+
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared machinery of the builders that convert local raw files to array_record.
+
+    Subclasses set ``SOURCE_DIR_ENV``, implement ``_default_source_dir``,
+    ``check_source_files`` and ``_generate_examples(split)``, and list ``SPLITS``.
+    """
+
+    SPLITS: ClassVar[tuple[str, ...]] = ("train", "test")
+    SOURCE_DIR_ENV: ClassVar[str]
 
     def __init__(self, *, source_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
         """Creates the builder.
 
         Args:
-            source_dir: Directory with the four IDX ``.gz`` files. Defaults to
-                ``$NR_JAX_FASHION_MNIST_DIR`` or ``/usr/share/datasets/fashion-mnist``.
+            source_dir: Directory with the raw files. Defaults to ``$<SOURCE_DIR_ENV>``,
+                else a dataset-specific default.
             **kwargs: Forwarded to ``tfds.core.GeneratorBasedBuilder`` (``data_dir``,
                 ``file_format``, ...). ``file_format`` defaults to ``"array_record"``.
         """
-        self.source_dir = _resolve_fashion_mnist_dir(source_dir)
-        kwargs.setdefault("file_format", "array_record")
+        data_dir = kwargs.get("data_dir")
+        self.data_root = resolve_data_dir(data_dir)
+        self.source_dir = _resolve_dir(
+            source_dir, self.SOURCE_DIR_ENV, self._default_source_dir(self.data_root)
+        )
+        kwargs.setdefault("file_format", _ARRAY_RECORD)
         super().__init__(**kwargs)
+
+    @classmethod
+    @abc.abstractmethod
+    def _default_source_dir(cls, data_root: Path) -> str | os.PathLike[str]:
+        """Source directory used when neither ``source_dir`` nor the env var is set."""
+
+    @abc.abstractmethod
+    def check_source_files(self) -> None:
+        """Raises ``DatasetNotFoundError`` (with a how-to-get-it message) if files are missing."""
 
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path | None:
-        """Path of this module, computed without ``importlib_resources``.
+        """Path of the builder's module, computed without ``importlib_resources``.
 
         tfds 4.9.10's ``DatasetBuilder.code_path`` references
         ``importlib_resources.abc.Traversable`` for builders defined inside a package,
@@ -264,6 +562,32 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
             return epath.Path(inspect.getfile(cls))
         except (TypeError, OSError):
             return None
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
+        del dl_manager  # Nothing to download.
+        self.check_source_files()
+        return {split: self._generate_examples(split) for split in self.SPLITS}
+
+
+class FashionMnistLocal(_LocalBuilder):
+    """Fashion-MNIST from local IDX ``.gz`` files, stored as array_record.
+
+    Features: ``image`` (uint8 ``(28, 28, 1)``, PNG-encoded on disk) and ``label``
+    (``ClassLabel`` with 10 classes). Splits: ``train`` (60000) and ``test`` (10000),
+    in the original file order. ``source_dir`` defaults to
+    ``$NR_JAX_FASHION_MNIST_DIR`` or ``/usr/share/datasets/fashion-mnist``.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Local IDX files, PNG-encoded images, original order."
+    }
+    SOURCE_DIR_ENV = FASHION_MNIST_DIR_ENV
+
+    @classmethod
+    def _default_source_dir(cls, data_root: Path) -> str:
+        del data_root
+        return DEFAULT_FASHION_MNIST_DIR
 
     def _info(self) -> tfds.core.DatasetInfo:
         # `tfds.core.DatasetInfo` directly: `dataset_info_from_configs` wants a package
@@ -308,17 +632,8 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
                 "(or pass source_dir=) to a directory that contains them."
             )
 
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
-        del dl_manager  # Nothing to download.
-        self.check_source_files()
-        return {
-            split: self._generate_examples(*_fashion_mnist_paths(self.source_dir, split))
-            for split in _FASHION_MNIST_FILES
-        }
-
-    def _generate_examples(
-        self, images_path: Path, labels_path: Path
-    ) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        images_path, labels_path = _fashion_mnist_paths(self.source_dir, split)
         images = _read_idx(images_path, _IDX_IMAGES_MAGIC)
         labels = _read_idx(labels_path, _IDX_LABELS_MAGIC)
         if images.shape[1:] != (28, 28) or images.shape[0] != labels.shape[0]:
@@ -331,16 +646,155 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
             yield index, {"image": _encode_png(images[index]), "label": int(labels[index])}
 
 
+class _CifarLocal(_LocalBuilder, skip_registration=True):
+    """CIFAR from the python-pickle archive (or its extracted folder), as array_record."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Python-pickle archive, PNG-encoded images, original order."
+    }
+    SOURCE_DIR_ENV = CIFAR_DIR_ENV
+    LAYOUT: ClassVar[_CifarLayout]
+
+    @classmethod
+    def _default_source_dir(cls, data_root: Path) -> Path:
+        return data_root
+
+    def _label_feature(self) -> tfds.features.ClassLabel:
+        return tfds.features.ClassLabel(num_classes=self.LAYOUT.num_classes)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        layout = self.LAYOUT
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"{layout.title} (Krizhevsky, 2009), read from {layout.archive}.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(32, 32, 3)),
+                    "label": self._label_feature(),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+            disable_shuffling=True,
+        )
+
+    def candidates(self) -> tuple[Path, Path, Path]:
+        """The places searched, in order: ``<src>/<folder>``, ``<src>`` and the archive."""
+        layout = self.LAYOUT
+        return (
+            self.source_dir / layout.folder,
+            self.source_dir,
+            self.source_dir / layout.archive,
+        )
+
+    def find_source(self) -> tuple[str, Path] | None:
+        """Returns ``("folder" | "archive", path)`` of the first complete source, or None."""
+        folder, itself, archive = self.candidates()
+        for candidate in (folder, itself):
+            if all(
+                (candidate / name).is_file()
+                for names in self.LAYOUT.files.values()
+                for name in names
+            ):
+                return "folder", candidate
+        if archive.is_file():
+            return "archive", archive
+        return None
+
+    def check_source_files(self) -> None:
+        """Raises ``DatasetNotFoundError`` unless a pickle folder or archive exists.
+
+        Raises:
+            DatasetNotFoundError: Naming every place searched (including a prepared
+                tfds dataset that is tfrecord-only) and how to get the data.
+        """
+        if self.find_source() is None:
+            raise DatasetNotFoundError(
+                _cifar_not_found_message(self, _find_prepared(self.data_root, self.LAYOUT.name))
+            )
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        found = self.find_source()
+        if found is None:
+            self.check_source_files()
+            return
+        images, labels = _read_cifar_split(self.LAYOUT, *found, split)
+        for index in range(images.shape[0]):
+            # Encoded bytes, not a numpy image: tfds encodes numpy images with TF.
+            yield index, {"image": _encode_png(images[index]), "label": int(labels[index])}
+
+
+class Cifar10Local(_CifarLocal):
+    """CIFAR-10 from ``cifar-10-python.tar.gz`` or ``cifar-10-batches-py/``.
+
+    Features: ``image`` (uint8 ``(32, 32, 3)``, PNG-encoded) and ``label`` (10 classes).
+    Splits ``train`` (``data_batch_1..5``, 50000) and ``test`` (``test_batch``, 10000),
+    in file order. ``source_dir`` defaults to ``$NR_JAX_CIFAR_DIR``, else the data dir.
+    """
+
+    LAYOUT = _CIFAR10_LAYOUT
+
+    def _label_feature(self) -> tfds.features.ClassLabel:
+        return tfds.features.ClassLabel(names=CIFAR10_CLASS_NAMES)
+
+
+class Cifar100Local(_CifarLocal):
+    """CIFAR-100 (fine labels) from ``cifar-100-python.tar.gz`` or ``cifar-100-python/``.
+
+    Features: ``image`` (uint8 ``(32, 32, 3)``, PNG-encoded) and ``label`` (the 100 fine
+    labels). Splits ``train`` (50000) and ``test`` (10000), in file order.
+    """
+
+    LAYOUT = _CIFAR100_LAYOUT
+
+
+def _cifar_not_found_message(builder: _CifarLocal, prepared: _Prepared) -> str:
+    layout = builder.LAYOUT
+    folder, itself, archive = builder.candidates()
+    lines = []
+    if prepared.unreadable:
+        lines.append(prepared.tfrecord_message())
+    lines.append(
+        f"{layout.title} not found. Looked for (1) the tfds dataset {layout.name!r} prepared "
+        f"in {_ARRAY_RECORD} format under {prepared.dataset_dir}"
+        + (" (only tfrecord versions there)" if prepared.unreadable else "")
+        + f", (2) the extracted python pickles "
+        f"{', '.join(n for names in layout.files.values() for n in names)} in {folder} or "
+        f"{itself}, (3) the archive {archive}."
+    )
+    lines.append(
+        f"To fix: download {layout.url} into {builder.source_dir} (or set {CIFAR_DIR_ENV} / "
+        "pass source_dir= to the directory that holds it; nr_jax converts it once, without "
+        f"TensorFlow), or prepare the tfds dataset with `{prepared.build_command()}` (needs "
+        "TensorFlow where it runs)."
+    )
+    return " ".join(lines)
+
+
 @dataclasses.dataclass(frozen=True)
 class _DatasetSource:
-    """How to build one named dataset. ``builder_cls(data_dir=, source_dir=)``."""
+    """How to get one named dataset.
 
-    builder_cls: type[tfds.core.GeneratorBasedBuilder]
+    Attributes:
+        builder_cls: Local builder, ``builder_cls(data_dir=, source_dir=)``.
+        splits: Split names.
+        tfds_name: Official tfds dataset read first when prepared in array_record.
+    """
+
+    builder_cls: type[_LocalBuilder]
     splits: tuple[str, ...]
+    tfds_name: str | None = None
 
 
 _REGISTRY: dict[str, _DatasetSource] = {
     "fashion_mnist": _DatasetSource(builder_cls=FashionMnistLocal, splits=("train", "test")),
+    "cifar10": _DatasetSource(
+        builder_cls=Cifar10Local, splits=("train", "test"), tfds_name="cifar10"
+    ),
+    "cifar100": _DatasetSource(
+        builder_cls=Cifar100Local, splits=("train", "test"), tfds_name="cifar100"
+    ),
 }
 
 
@@ -359,12 +813,12 @@ def _make_builder(
     name: str,
     data_dir: str | os.PathLike[str] | None,
     source_dir: str | os.PathLike[str] | None,
-) -> tfds.core.GeneratorBasedBuilder:
+) -> _LocalBuilder:
     source = _lookup(name)
     return source.builder_cls(data_dir=os.fspath(resolve_data_dir(data_dir)), source_dir=source_dir)
 
 
-def _prepare(builder: tfds.core.GeneratorBasedBuilder) -> None:
+def _prepare(builder: _LocalBuilder) -> None:
     if builder.is_prepared():
         return
     builder.check_source_files()  # One clear error before tfds creates any directory.
@@ -378,13 +832,20 @@ def _prepare(builder: tfds.core.GeneratorBasedBuilder) -> None:
     logger.info("Prepared %s in %.1f s", builder.name, time.perf_counter() - start)
 
 
+def _readable_official(source: _DatasetSource, root: Path) -> _Prepared | None:
+    if source.tfds_name is None:
+        return None
+    prepared = _find_prepared(root, source.tfds_name)
+    return prepared if prepared.readable is not None else None
+
+
 def prepare_dataset(
     name: str = "fashion_mnist",
     *,
     data_dir: str | os.PathLike[str] | None = None,
     source_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Prepares the tfds array_record files of ``name`` (no-op if already prepared).
+    """Makes ``name`` readable: finds or prepares its tfds array_record files.
 
     Args:
         name: Registered dataset name (see ``known_datasets()``).
@@ -393,12 +854,19 @@ def prepare_dataset(
         source_dir: Directory with the raw source files; dataset-specific default.
 
     Returns:
-        The prepared version directory, e.g. ``<data_dir>/fashion_mnist_local/1.0.0``.
+        The version directory that will be read: an official tfds dataset prepared in
+        array_record (CIFAR, e.g. ``<data_dir>/cifar10/3.0.2``), else the local one,
+        e.g. ``<data_dir>/fashion_mnist_local/1.0.0`` (prepared now if needed).
 
     Raises:
         ValueError: Unknown ``name``.
         DatasetNotFoundError: The source files are missing and nothing is prepared yet.
     """
+    source = _lookup(name)
+    official = _readable_official(source, resolve_data_dir(data_dir))
+    if official is not None:
+        assert official.readable is not None
+        return official.readable
     builder = _make_builder(name, data_dir, source_dir)
     _prepare(builder)
     return Path(os.fspath(builder.data_dir))
@@ -409,29 +877,32 @@ def prepare_dataset(
 # --------------------------------------------------------------------------------------
 
 
-def _cache_path(root: Path, source: _DatasetSource, split: str) -> Path:
-    builder_cls = source.builder_cls
-    return root / builder_cls.name / _CACHE_DIRNAME / str(builder_cls.VERSION) / f"{split}.npz"
+@dataclasses.dataclass(frozen=True)
+class _CacheKey:
+    builder: str
+    version: str
 
 
-def _cache_meta(source: _DatasetSource, split: str) -> dict[str, str]:
+def _cache_path(root: Path, key: _CacheKey, split: str) -> Path:
+    return root / key.builder / _CACHE_DIRNAME / key.version / f"{split}.npz"
+
+
+def _cache_meta(key: _CacheKey, split: str) -> dict[str, str]:
     return {
-        "builder": source.builder_cls.name,
-        "version": str(source.builder_cls.VERSION),
+        "builder": key.builder,
+        "version": key.version,
         "split": split,
         "format": str(_CACHE_FORMAT),
     }
 
 
-def _read_cache(
-    path: Path, source: _DatasetSource, split: str
-) -> tuple[np.ndarray, np.ndarray] | None:
+def _read_cache(path: Path, key: _CacheKey, split: str) -> tuple[np.ndarray, np.ndarray] | None:
     if not path.is_file():
         return None
-    expected = _cache_meta(source, split)
+    expected = _cache_meta(key, split)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            found = {key: str(npz[f"meta_{key}"]) for key in expected}
+            found = {k: str(npz[f"meta_{k}"]) for k in expected}
             if found != expected:
                 logger.warning("Ignoring stale cache %s: %s != %s", path, found, expected)
                 return None
@@ -459,11 +930,11 @@ def _read_cache(
 
 
 def _write_cache(
-    path: Path, source: _DatasetSource, split: str, images: np.ndarray, labels: np.ndarray
+    path: Path, key: _CacheKey, split: str, images: np.ndarray, labels: np.ndarray
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    meta = {f"meta_{k}": np.asarray(v) for k, v in _cache_meta(source, split).items()}
+    meta = {f"meta_{k}": np.asarray(v) for k, v in _cache_meta(key, split).items()}
     try:
         with open(tmp, "wb") as f:
             np.savez(f, images=images, labels=labels, **meta)
@@ -472,9 +943,7 @@ def _write_cache(
         tmp.unlink(missing_ok=True)
 
 
-def _decode_split(
-    builder: tfds.core.GeneratorBasedBuilder, split: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _decode_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Decodes a whole prepared split through ``as_data_source`` into numpy arrays."""
     data_source = builder.as_data_source(split=split)
     num = len(data_source)
@@ -507,20 +976,26 @@ def load_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loads a whole split as numpy arrays, preparing and caching it on first use.
 
-    The first call prepares the tfds dataset (if needed), decodes the split through
-    ``builder.as_data_source()`` and writes
+    Sources, in order: (CIFAR only) the official tfds dataset ``name`` prepared in
+    array_record under ``data_dir``; else the local builder (``<name>_local``), prepared
+    from the raw files in ``source_dir`` if needed. The first call decodes the split
+    through ``as_data_source()`` and writes
     ``<data_dir>/<builder>/nr_jax_cache/<version>/<split>.npz``; later calls only read
     that file.
 
     Args:
-        name: Registered dataset name (see ``known_datasets()``).
+        name: Registered dataset name (see ``known_datasets()``): ``"fashion_mnist"``,
+            ``"cifar10"`` or ``"cifar100"``.
         split: ``"train"`` or ``"test"``.
         data_dir: tfds data dir; defaults to ``$NR_JAX_DATA_DIR`` or
             ``~/tensorflow_datasets``.
         source_dir: Directory with the raw source files (only read when the dataset is
-            not prepared yet); for Fashion-MNIST defaults to
+            not prepared yet). Fashion-MNIST: the IDX files, default
             ``$NR_JAX_FASHION_MNIST_DIR`` or ``/usr/share/datasets/fashion-mnist``.
-        limit: If given, return only the first ``limit`` examples (in file order).
+            CIFAR: ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` or the
+            extracted ``cifar-10-batches-py`` / ``cifar-100-python`` folder (or the
+            folder itself), default ``$NR_JAX_CIFAR_DIR``, else ``data_dir``.
+        limit: If given, return only the first ``limit`` examples (in stored order).
 
     Returns:
         ``(images, labels)``: images uint8 ``(N, H, W, C)``, labels int32 ``(N,)``.
@@ -528,7 +1003,9 @@ def load_arrays(
     Raises:
         ValueError: Unknown ``name`` or ``split``, or ``limit`` outside ``[0, N]``.
         TypeError: ``limit`` is not an int.
-        DatasetNotFoundError: Source files are missing and the split is not prepared.
+        DatasetNotFoundError: Nothing readable is prepared and the source files are
+            missing; the message names every place searched and how to get the data
+            (or how to re-prepare a tfrecord-only tfds dataset).
     """
     source = _lookup(name)
     if split not in source.splits:
@@ -539,18 +1016,30 @@ def load_arrays(
         raise TypeError(f"limit must be an int or None; got {type(limit).__name__}")
 
     root = resolve_data_dir(data_dir)
-    cache = _cache_path(root, source, split)
+    official = _readable_official(source, root)
+    if official is not None:
+        assert official.readable is not None
+        key = _CacheKey(official.name, official.readable.name)
+        make_builder: Callable[[], tfds.core.DatasetBuilder] = lambda: _official_builder(official)
+    else:
+        builder_cls = source.builder_cls
+        key = _CacheKey(builder_cls.name, str(builder_cls.VERSION))
+
+        def make_builder() -> tfds.core.DatasetBuilder:
+            builder = _make_builder(name, root, source_dir)
+            _prepare(builder)
+            return builder
+
+    cache = _cache_path(root, key, split)
     start = time.perf_counter()
-    arrays = _read_cache(cache, source, split)
+    arrays = _read_cache(cache, key, split)
     if arrays is not None:
         logger.info(
             "Loaded %s/%s from cache %s in %.2f s", name, split, cache, time.perf_counter() - start
         )
     else:
-        builder = _make_builder(name, root, source_dir)
-        _prepare(builder)
-        arrays = _decode_split(builder, split)
-        _write_cache(cache, source, split, *arrays)
+        arrays = _decode_split(make_builder(), split)
+        _write_cache(cache, key, split, *arrays)
         logger.info("Wrote cache %s (%.1f s in total)", cache, time.perf_counter() - start)
     images, labels = arrays
 
@@ -820,6 +1309,412 @@ def _eval_batches(
             batch_labels = np.concatenate([batch_labels, np.zeros((missing,), np.int32)])
             mask[real:] = 0.0
         yield {"image": _to_float(batch, info), "label": batch_labels, "mask": mask}
+
+
+# --------------------------------------------------------------------------------------
+# Large image datasets decoded per example (ImageNet)
+# --------------------------------------------------------------------------------------
+
+
+def _image_source_not_found_message(prepared: _Prepared) -> str:
+    root = prepared.root
+    if prepared.unreadable:
+        return prepared.tfrecord_message()
+    message = (
+        f"tfds dataset {prepared.name!r} is not prepared in {_ARRAY_RECORD} format under "
+        f"{prepared.dataset_dir} (looked for <version>/dataset_info.json there; the tfds "
+        f"data dir comes from data_dir= or ${DATA_DIR_ENV}, default {DEFAULT_DATA_DIR}). "
+    )
+    if prepared.name == IMAGENET_NAME:
+        message += (
+            "ImageNet needs a manual download: get ILSVRC2012_img_train.tar and "
+            f"ILSVRC2012_img_val.tar from {_IMAGENET_DOWNLOAD_URL} (registration required), "
+            f"put them in {root / 'downloads' / 'manual'}, then run "
+            f"`{prepared.build_command()}` where TensorFlow is installed (the tfds "
+            "command-line tool imports it; nr_jax only reads the result)."
+        )
+    else:
+        message += f"Prepare it with `{prepared.build_command()}` where TensorFlow is installed."
+    return message
+
+
+def load_image_source(
+    name: str, split: str, *, data_dir: str | os.PathLike[str] | None = None
+) -> Sequence[dict[str, Any]]:
+    """Random-access source over a tfds image dataset prepared in array_record.
+
+    Reads ``<data_dir>/<name>/<highest version>`` with ``tfds.builder_from_directory``
+    (what ``tfds.builder(name, data_dir=...)`` returns for a prepared dataset, without
+    importing its builder code) and returns ``as_data_source(split)`` with the
+    ``image`` feature left encoded (``tfds.decode.SkipDecoding``), so that
+    ``train_batches_from_source`` / ``eval_batches_from_source`` decode and resize each
+    image once, on their thread pool.
+
+    Args:
+        name: tfds dataset name, e.g. ``"imagenet2012"``; any dataset with an ``image``
+            and an integer ``label`` feature works.
+        split: tfds split, e.g. ``"train"``, ``"validation"`` or ``"train[:1%]"``.
+        data_dir: tfds data dir; defaults to ``$NR_JAX_DATA_DIR`` or
+            ``~/tensorflow_datasets``.
+
+    Returns:
+        A sequence (``len``, ``[i]``, ``__getitems__``) of dicts whose ``image`` is the
+        encoded bytes (JPEG for ImageNet) and ``label`` an int.
+
+    Raises:
+        DatasetNotFoundError: Not prepared there, or prepared only as tfrecord (which
+            cannot be read without TensorFlow); the message says how to fix it.
+    """
+    prepared = _find_prepared(resolve_data_dir(data_dir), name)
+    if prepared.readable is None:
+        raise DatasetNotFoundError(_image_source_not_found_message(prepared))
+    builder = _official_builder(prepared)
+    return builder.as_data_source(
+        split=split, decoders={"image": tfds.decode.SkipDecoding()}, file_format=_ARRAY_RECORD
+    )
+
+
+def load_imagenet_source(
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    name: str = IMAGENET_NAME,
+) -> Sequence[dict[str, Any]]:
+    """Random-access source over tfds ``imagenet2012`` prepared in array_record.
+
+    See ``load_image_source``. ``name`` exists for tests and for copies prepared under
+    another name; the real dataset must be prepared (from the manually downloaded
+    ILSVRC2012 tars) with ``tfds build imagenet2012 --file_format=array_record``.
+
+    Args:
+        split: ``"train"`` or ``"validation"`` (or a tfds slice of them).
+        data_dir: tfds data dir; defaults to ``$NR_JAX_DATA_DIR`` or
+            ``~/tensorflow_datasets``.
+        name: tfds dataset name.
+
+    Returns:
+        Sequence of ``{"image": JPEG bytes, "label": int, "file_name": bytes}``.
+
+    Raises:
+        DatasetNotFoundError: Not prepared in array_record under ``data_dir``.
+    """
+    return load_image_source(name, split, data_dir=data_dir)
+
+
+_BILINEAR = Image.Resampling.BILINEAR
+
+
+def _open_rgb(value: Any) -> Image.Image:
+    """Encoded bytes (JPEG, PNG, ...) or a uint8 array -> RGB PIL image."""
+    if isinstance(value, (bytes, bytearray, memoryview, np.bytes_)):
+        image = Image.open(io.BytesIO(bytes(value)))
+    elif isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim in (2, 3):
+        image = Image.fromarray(
+            value[..., 0] if value.ndim == 3 and value.shape[-1] == 1 else value
+        )
+    else:
+        raise TypeError(
+            "expected an encoded image (bytes) or a uint8 (H, W[, C]) array; got "
+            f"{type(value).__name__} {getattr(value, 'dtype', '')} {getattr(value, 'shape', '')}"
+        )
+    # Grey-scale, CMYK, palette and RGBA images all become RGB.
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _random_resized_crop_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` as ``torchvision.transforms.RandomResizedCrop.get_params``.
+
+    Ten tries of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); then the
+    central crop with the aspect ratio clamped to ``ratio``.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _train_transform(
+    value: Any,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> np.ndarray:
+    """RandomResizedCrop(size, scale, ratio) (bilinear) + RandomHorizontalFlip()."""
+    image = _open_rgb(value)
+    top, left, h, w = _random_resized_crop_box(rng, image.height, image.width, scale, ratio)
+    image = image.crop((left, top, left + w, top + h)).resize((size, size), _BILINEAR)
+    out = np.asarray(image)
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def _eval_transform(value: Any, size: int, resize_size: int) -> np.ndarray:
+    """Resize(resize_size) (shorter side, bilinear) + CenterCrop(size), as torchvision."""
+    image = _open_rgb(value)
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = resize_size, int(resize_size * height / width)
+    else:
+        new_w, new_h = int(resize_size * width / height), resize_size
+    image = image.resize((new_w, new_h), _BILINEAR)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def _square_size(info: DatasetInfo) -> int:
+    height, width, channels = info.image_shape
+    if height != width or channels != 3:
+        raise ValueError(f"info.image_shape must be (S, S, 3); got {info.image_shape}")
+    return height
+
+
+def _num_workers(num_workers: int | None) -> int:
+    if num_workers is None:
+        return max(1, os.cpu_count() or 1)
+    return _check_int(num_workers, "num_workers", minimum=1)
+
+
+def _get_records(source: Sequence[Any], indices: np.ndarray) -> Sequence[Any]:
+    keys = [int(i) for i in indices]
+    getitems = getattr(source, "__getitems__", None)
+    return getitems(keys) if getitems is not None else [source[k] for k in keys]
+
+
+def _fill(
+    out: np.ndarray, row: int, transform: Callable[[int, Any], np.ndarray], index: int, value: Any
+) -> None:
+    out[row] = transform(index, value)
+
+
+def _source_batches(
+    source: Sequence[Any],
+    plan: Iterator[np.ndarray],
+    batch_size: int,
+    transform: Callable[[int, Any], np.ndarray],
+    info: DatasetInfo,
+    num_workers: int,
+    with_mask: bool,
+    lookahead: int = 2,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Reads records on the calling thread, decodes/transforms them on a thread pool.
+
+    Up to ``lookahead + 1`` batches are in flight, so the pool keeps working while the
+    consumer handles the current batch. Pillow releases the GIL while decoding and
+    resizing, so the threads run in parallel.
+    """
+    shape = tuple(info.image_shape)
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=num_workers, thread_name_prefix="nr_jax-decode"
+    )
+    pending: collections.deque[tuple[np.ndarray, np.ndarray, int, list]] = collections.deque()
+
+    def submit(indices: np.ndarray) -> None:
+        records = _get_records(source, indices)
+        images = np.zeros((batch_size, *shape), dtype=np.uint8)
+        labels = np.zeros((batch_size,), dtype=np.int32)
+        futures = []
+        for row, (index, record) in enumerate(zip(indices, records, strict=True)):
+            labels[row] = record["label"]
+            futures.append(
+                executor.submit(_fill, images, row, transform, int(index), record["image"])
+            )
+        pending.append((images, labels, len(indices), futures))
+
+    try:
+        for indices in plan:
+            submit(indices)
+            if len(pending) <= lookahead:
+                continue
+            yield _finish(pending.popleft(), info, batch_size, with_mask)
+        while pending:
+            yield _finish(pending.popleft(), info, batch_size, with_mask)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _finish(
+    item: tuple[np.ndarray, np.ndarray, int, list],
+    info: DatasetInfo,
+    batch_size: int,
+    with_mask: bool,
+) -> dict[str, np.ndarray]:
+    images, labels, real, futures = item
+    for future in futures:
+        future.result()  # Re-raises a decoding error here, on the consumer's side.
+    batch = {"image": normalize(images, info), "label": labels}
+    if with_mask:
+        mask = np.zeros((batch_size,), dtype=np.float32)
+        mask[:real] = 1.0
+        batch["mask"] = mask
+    return batch
+
+
+def _check_range(value: tuple[float, float], what: str) -> tuple[float, float]:
+    lo, hi = (float(v) for v in value)
+    if not 0 < lo <= hi:
+        raise ValueError(f"{what} must be (lo, hi) with 0 < lo <= hi; got {value!r}")
+    return lo, hi
+
+
+def train_batches_from_source(
+    source: Sequence[Any],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    info: DatasetInfo,
+    augment: bool = True,
+    start_batch: int = 0,
+    num_workers: int | None = None,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    resize_size: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields one shuffled epoch of fixed-shape batches decoded from ``source``.
+
+    The order is ``np.random.default_rng([seed, epoch]).permutation(len(source))`` and
+    example ``i`` is augmented with ``np.random.default_rng([seed, epoch, i])``, so an
+    epoch is a pure function of ``(seed, epoch)`` (independent of ``num_workers`` and of
+    the batch size), and ``start_batch=k`` yields exactly batches ``k, k+1, ...``.
+
+    Args:
+        source: Random-access sequence of ``{"image": encoded bytes or uint8 array,
+            "label": int}``, e.g. ``load_imagenet_source("train")``.
+        batch_size: ``B``; the ragged remainder ``N % B`` is dropped.
+        seed: Non-negative run seed.
+        epoch: Non-negative epoch index.
+        info: Output size (``image_shape`` ``(S, S, 3)``) and normalisation constants,
+            e.g. ``DATASET_INFO["imagenet2012"]`` (S = 224).
+        augment: ``True``: torchvision ``RandomResizedCrop(S, scale, ratio)`` (bilinear)
+            then ``RandomHorizontalFlip()``. ``False``: the evaluation transform.
+        start_batch: Index of the first batch to yield, in ``[0, steps_per_epoch]``.
+        num_workers: Decoding threads; defaults to ``os.cpu_count()``.
+        scale: Range of the crop's fraction of the image area.
+        ratio: Range of the crop's aspect ratio (width / height).
+        resize_size: Shorter side before the centre crop when ``augment=False``;
+            defaults to ``int(S / 0.875)`` (256 for 224).
+
+    Yields:
+        ``{"image": float32 (B, S, S, 3), "label": int32 (B,)}``.
+
+    Raises:
+        TypeError / ValueError: Bad arguments (as ``train_batches``).
+    """
+    seed = _check_int(seed, "seed", minimum=0)
+    epoch = _check_int(epoch, "epoch", minimum=0)
+    start_batch = _check_int(start_batch, "start_batch", minimum=0)
+    num = len(source)
+    num_batches = steps_per_epoch(num, batch_size)
+    if start_batch > num_batches:
+        raise ValueError(
+            f"start_batch must be in [0, {num_batches}] (steps per epoch); got {start_batch}"
+        )
+    size = _square_size(info)
+    workers = _num_workers(num_workers)
+    scale = _check_range(scale, "scale")
+    ratio = _check_range(ratio, "ratio")
+    if scale[1] > 1.0:
+        raise ValueError(f"scale must lie in (0, 1]; got {scale!r}")
+    resize = _resize_size(size, resize_size)
+
+    if augment:
+
+        def transform(index: int, value: Any) -> np.ndarray:
+            rng = np.random.default_rng([seed, epoch, index])
+            return _train_transform(value, rng, size, scale, ratio)
+
+    else:
+
+        def transform(index: int, value: Any) -> np.ndarray:
+            return _eval_transform(value, size, resize)
+
+    order = np.random.default_rng([seed, epoch]).permutation(num)
+    plan = (
+        order[index * batch_size : (index + 1) * batch_size]
+        for index in range(start_batch, num_batches)
+    )
+    return _source_batches(source, plan, batch_size, transform, info, workers, with_mask=False)
+
+
+def _resize_size(size: int, resize_size: int | None) -> int:
+    if resize_size is None:
+        return int(size / 0.875)
+    resize_size = _check_int(resize_size, "resize_size")
+    if resize_size < size:
+        raise ValueError(f"resize_size must be >= the crop size {size}; got {resize_size}")
+    return resize_size
+
+
+def eval_batches_from_source(
+    source: Sequence[Any],
+    batch_size: int,
+    *,
+    info: DatasetInfo,
+    num_workers: int | None = None,
+    resize_size: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields every example of ``source`` once, in order, resized and centre-cropped.
+
+    Args:
+        source: As for ``train_batches_from_source``, e.g.
+            ``load_imagenet_source("validation")``.
+        batch_size: ``B`` (> 0; may exceed ``N``).
+        info: Output size (``(S, S, 3)``) and normalisation constants.
+        num_workers: Decoding threads; defaults to ``os.cpu_count()``.
+        resize_size: Shorter side before the ``S x S`` centre crop; defaults to
+            ``int(S / 0.875)`` (torchvision ``Resize(256)`` + ``CenterCrop(224)``).
+
+    Yields:
+        ``{"image": float32 (B, S, S, 3), "label": int32 (B,), "mask": float32 (B,)}``.
+        The last batch is padded to ``B`` with zero images (normalised) and label 0;
+        ``mask`` is 1 for real examples and 0 for padding.
+
+    Raises:
+        TypeError / ValueError: Bad arguments or an empty source.
+    """
+    batch_size = _check_int(batch_size, "batch_size")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0; got {batch_size}")
+    num = len(source)
+    if num == 0:
+        raise ValueError("eval_batches_from_source needs at least one example; got N = 0")
+    size = _square_size(info)
+    resize = _resize_size(size, resize_size)
+    workers = _num_workers(num_workers)
+    plan = (np.arange(lo, min(lo + batch_size, num)) for lo in range(0, num, batch_size))
+    return _source_batches(
+        source,
+        plan,
+        batch_size,
+        lambda index, value: _eval_transform(value, size, resize),
+        info,
+        workers,
+        with_mask=True,
+    )
 
 
 # --------------------------------------------------------------------------------------

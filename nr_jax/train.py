@@ -37,6 +37,10 @@ from nr_jax.schemes import head_logits, nr_loss
 from nr_jax.sparsity import get_lambda, l1_bn_scales, set_lambda
 from nr_jax.surgery import ALLOCATIONS, rejuvenate
 
+Mesh = jax.sharding.Mesh
+NamedSharding = jax.sharding.NamedSharding
+P = jax.sharding.PartitionSpec
+
 log = logging.getLogger("nr_jax")
 
 SEARCH, REJUVENATED, PLAIN = 0, 1, 2  # NR phase: searching, rejuvenated, no (more) NR
@@ -108,11 +112,19 @@ class Steps:
         graph: ChannelGraph,
         config: ml_collections.ConfigDict,
         counter: dict[str, int],
+        mesh: Mesh | None = None,
     ) -> None:
         self.model, self.tx, self.graph, self.config = model, tx, graph, config
         self.counter = counter
-        self.train = jax.jit(self._train, donate_argnums=0)
-        self.eval = jax.jit(self._eval)
+        if mesh is None:
+            self.train = jax.jit(self._train, donate_argnums=0)
+            self.eval = jax.jit(self._eval)
+        else:  # data parallel: batch sharded over the mesh, state replicated
+            rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+            self.train = jax.jit(
+                self._train, donate_argnums=0, in_shardings=(rep, data), out_shardings=(rep, rep)
+            )
+            self.eval = jax.jit(self._eval, in_shardings=(rep, data), out_shardings=rep)
 
     def _train(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         self.counter["train"] = self.counter.get("train", 0) + 1
@@ -262,13 +274,27 @@ class Trainer:
         )
         self.graph = channel_graph(self.model, self.input_shape)
         self.tx = make_optimizer(config, self.graph)  # built once, reused after rejuvenation
-        self.steps = Steps(self.model, self.tx, self.graph, config, self.counter)
+        self.mesh = (
+            Mesh(np.array(jax.devices()), ("data",))
+            if config.data_parallel and jax.device_count() > 1
+            else None
+        )
+        self.steps = self._steps()
         self.nr: dict[str, Any] = {"search_epochs": 0, "previous_util": 1.0, "history": []}
+
+    def _steps(self) -> Steps:
+        return Steps(self.model, self.tx, self.graph, self.config, self.counter, self.mesh)
+
+    def place(self, state: TrainState) -> TrainState:
+        """Puts the state where the steps expect it (replicated over the mesh, if any)."""
+        if self.mesh is None:
+            return state
+        return jax.device_put(state, NamedSharding(self.mesh, P()))
 
     def set_widths(self, widths: WidthSpec) -> None:
         self.model = self.model.clone(widths=widths)
         self.graph = channel_graph(self.model, self.input_shape)
-        self.steps = Steps(self.model, self.tx, self.graph, self.config, self.counter)
+        self.steps = self._steps()
 
     def controller(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict[str, Any]]:
         """The once-per-epoch NR decision (method.md 1.3). Returns the state and an event dict."""
@@ -331,7 +357,7 @@ class Trainer:
             for u in self.graph.units
         }
         self.model, self.graph = res.model, res.graph
-        self.steps = Steps(self.model, self.tx, self.graph, self.config, self.counter)
+        self.steps = self._steps()
         v = res.variables
         # official preset: a fresh optimiser (all momentum lost); improved: survivors' moments kept
         opt_state = self.tx.init(v["params"]) if self.config.preset == "official" else res.opt_state
@@ -342,6 +368,7 @@ class Trainer:
             opt_state=set_lambda(opt_state, nr.lam_after),
             phase=jnp.asarray(REJUVENATED, jnp.int32),
         )
+        state = self.place(state)
         event["rejuvenation"] = res.report
         if nr.rescale_target > 0 and not nr.compress_only:
             state = self.maybe_rescale(state)  # the one-pass flow
@@ -356,10 +383,11 @@ class Trainer:
         new = rescale(state.variables, self.graph, self.config.nr.rescale_target)
         self.nr["rescaled"] = True
         log.info("neural rescaling applied (target %g)", self.config.nr.rescale_target)
-        return state.replace(
+        state = state.replace(
             params=jax.tree.map(jnp.asarray, new["params"]),
             batch_stats=jax.tree.map(jnp.asarray, new["batch_stats"]),
         )
+        return self.place(state)
 
 
 def _at(tree: Any, path: tuple[str, ...]) -> Any:
@@ -389,7 +417,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t_start = time.time()
     trainer = Trainer(config, workdir)
     key = jax.random.key(config.seed)
-    state = init_state(trainer.model, trainer.tx, config, trainer.info.image_shape, key)
+    state = trainer.place(
+        init_state(trainer.model, trainer.tx, config, trainer.info.image_shape, key)
+    )
     train_x, train_y = nr_data.load_arrays(
         config.dataset, "train", data_dir=config.data_dir or None, limit=config.train_limit or None
     )
@@ -405,6 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     if ckpt is not None and ckpt.latest_step() is not None:
         state, history = _resume(trainer, ckpt)
+        state = trainer.place(state)
     writer = MetricWriter(workdir, tensorboard=config.tensorboard)
     _log_widths(trainer, "start")
     if int(state.phase) == REJUVENATED and config.nr.rescale_target > 0:

@@ -27,6 +27,7 @@ def tiny_config(**nr):
     c.test_limit = 200
     c.log_every_steps = 5
     c.progress = False
+    c.data_parallel = False  # the 4 test devices only in the sharding test
     c.nr.lam = 1e-2  # strong: a few hundred steps must bring U below the target
     c.nr.target = 0.9
     c.nr.max_search_epochs = 5
@@ -201,3 +202,23 @@ def test_two_step_flow_and_official_preset(tmp_path):
     assert s2["epochs_run"] == step2.epochs + s1["search_epochs"]
     meta = json.loads((tmp_path / "summary.json").read_text())
     assert meta["final_test_accuracy"] > 0.2
+
+
+def test_data_parallel_equals_one_device():
+    """4 CPU devices (conftest): the sharded step computes what the single-device step does."""
+    assert jax.device_count() == 4
+    results = {}
+    for dp in (False, True):
+        config = tiny_config()
+        config.data_parallel = dp
+        trainer = train.Trainer(config, workdir="")
+        assert (trainer.mesh is not None) == dp
+        state = trainer.place(
+            train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
+        )
+        for i in range(3):
+            state, metrics = trainer.steps.train(state, synthetic_batch(i))
+        if dp:
+            assert len(state.params["conv0"]["kernel"].sharding.device_set) == 4
+        results[dp] = (jax.device_get(state.params), jax.device_get(metrics))
+    chex.assert_trees_all_close(results[True], results[False], rtol=1e-4, atol=1e-5)
