@@ -390,6 +390,21 @@ class Trainer:
         return self.place(state)
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def _check_finite(state: TrainState) -> None:
+    """Refuses to go on (and to checkpoint) with NaN or Inf in parameters or BN statistics."""
+    if not bool(_all_finite((state.params, state.batch_stats))):
+        raise FloatingPointError(
+            f"NaN or Inf in the parameters or BN statistics after epoch {int(state.epoch)}; "
+            "the last good checkpoint is kept (resume from it with a lower learning rate or λ)."
+        )
+
+
 def _at(tree: Any, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]
@@ -457,6 +472,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 nr_data.eval_batches(test_x, test_y, config.eval_batch_size, info=trainer.info),
             )
             state = state.replace(epoch=state.epoch + 1)
+            _check_finite(state)
             state, event = trainer.controller(state, jax.random.fold_in(key, 1_000_003 + epoch))
             record = {
                 "epoch": epoch + 1,
@@ -528,6 +544,11 @@ def _train_epoch(
         if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch:
             host = jax.device_get(window)
             mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+            if not np.isfinite(mean["loss"]):
+                raise FloatingPointError(
+                    f"non-finite training loss ({mean['loss']}) at step {int(state.step)}, epoch "
+                    f"{epoch + 1}; the last good checkpoint is kept. Lower the learning rate or λ."
+                )
             for m in host:
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)

@@ -222,3 +222,14 @@ def test_data_parallel_equals_one_device():
             assert len(state.params["conv0"]["kernel"].sharding.device_set) == 4
         results[dp] = (jax.device_get(state.params), jax.device_get(metrics))
     chex.assert_trees_all_close(results[True], results[False], rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_parameters_stop_the_run():
+    config = tiny_config()
+    trainer = train.Trainer(config, workdir="")
+    state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
+    train._check_finite(state)  # a healthy state passes
+    params = jax.tree.map(lambda x: x, state.params)
+    params["conv1"]["kernel"] = params["conv1"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train._check_finite(state.replace(params=params))
