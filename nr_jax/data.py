@@ -451,16 +451,21 @@ class _Prepared:
     def dataset_dir(self) -> Path:
         return self.root / self.name
 
-    def build_command(self) -> str:
-        return f"tfds build {self.name} --file_format={_ARRAY_RECORD} --data_dir={self.root}"
+    def build_command(self, overwrite: bool = False) -> str:
+        command = f"tfds build {self.name} --file_format={_ARRAY_RECORD} --data_dir={self.root}"
+        return command + " --overwrite" if overwrite else command
 
     def tfrecord_message(self) -> str:
         found = "; ".join(f"{path} ({', '.join(fmts)})" for path, fmts in self.unreadable)
+        newest = self.unreadable[-1][0]
         return (
             f"tfds dataset {self.name!r} is prepared at {found}, but not in {_ARRAY_RECORD} "
             "format. Those files can only be read with TensorFlow, which nr_jax does not "
-            f"use. Re-prepare it in {_ARRAY_RECORD} format with `{self.build_command()}` "
-            "(run it where TensorFlow is installed: the tfds command-line tool imports it)."
+            f"use. Add {_ARRAY_RECORD} files next to them with `tfds convert_format "
+            f"--dataset_version_dir={newest} --out_file_format={_ARRAY_RECORD}`, or "
+            f"re-prepare it with `{self.build_command(overwrite=True)}` (without "
+            "--overwrite tfds keeps the existing version). Run either where TensorFlow is "
+            "installed: the tfds command-line tool imports it."
         )
 
 
@@ -752,24 +757,27 @@ class Cifar100Local(_CifarLocal):
 def _cifar_not_found_message(builder: _CifarLocal, prepared: _Prepared) -> str:
     layout = builder.LAYOUT
     folder, itself, archive = builder.candidates()
-    lines = []
+    pickles = ", ".join(n for names in layout.files.values() for n in names)
+    searched = (
+        f"the tfds dataset {layout.name!r} prepared in {_ARRAY_RECORD} format under "
+        f"{prepared.dataset_dir}, the extracted python pickles ({pickles}) in {folder} or "
+        f"{itself}, and the archive {archive}"
+    )
+    get_archive = (
+        f"download {layout.url} into {builder.source_dir} (or set {CIFAR_DIR_ENV} / pass "
+        "source_dir= to the directory that holds it; nr_jax converts it once, without "
+        "TensorFlow)"
+    )
     if prepared.unreadable:
-        lines.append(prepared.tfrecord_message())
-    lines.append(
-        f"{layout.title} not found. Looked for (1) the tfds dataset {layout.name!r} prepared "
-        f"in {_ARRAY_RECORD} format under {prepared.dataset_dir}"
-        + (" (only tfrecord versions there)" if prepared.unreadable else "")
-        + f", (2) the extracted python pickles "
-        f"{', '.join(n for names in layout.files.values() for n in names)} in {folder} or "
-        f"{itself}, (3) the archive {archive}."
+        return (
+            f"{prepared.tfrecord_message()} Alternatively, {get_archive}. "
+            f"{layout.title} sources searched: {searched}."
+        )
+    return (
+        f"{layout.title} not found. Looked for {searched}. To fix: {get_archive}, or "
+        f"prepare the tfds dataset with `{prepared.build_command()}` (needs TensorFlow "
+        "where it runs)."
     )
-    lines.append(
-        f"To fix: download {layout.url} into {builder.source_dir} (or set {CIFAR_DIR_ENV} / "
-        "pass source_dir= to the directory that holds it; nr_jax converts it once, without "
-        f"TensorFlow), or prepare the tfds dataset with `{prepared.build_command()}` (needs "
-        "TensorFlow where it runs)."
-    )
-    return " ".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1504,10 +1512,16 @@ def _get_records(source: Sequence[Any], indices: np.ndarray) -> Sequence[Any]:
     return getitems(keys) if getitems is not None else [source[k] for k in keys]
 
 
-def _fill(
-    out: np.ndarray, row: int, transform: Callable[[int, Any], np.ndarray], index: int, value: Any
+def _normalize_into(
+    out: np.ndarray, image: np.ndarray, scale: np.ndarray, shift: np.ndarray
 ) -> None:
-    out[row] = transform(index, value)
+    """``out[...] = normalize(image)`` without temporaries (bitwise the same result)."""
+    if image.shape != out.shape or image.dtype != np.uint8:
+        raise ValueError(
+            f"transform returned {image.dtype} {image.shape}; expected uint8 {out.shape}"
+        )
+    np.multiply(image, scale, out=out, dtype=np.float32)
+    out -= shift
 
 
 def _source_batches(
@@ -1520,57 +1534,55 @@ def _source_batches(
     with_mask: bool,
     lookahead: int = 2,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Reads records on the calling thread, decodes/transforms them on a thread pool.
+    """Reads records on the calling thread; decodes, transforms and normalises on a pool.
 
-    Up to ``lookahead + 1`` batches are in flight, so the pool keeps working while the
-    consumer handles the current batch. Pillow releases the GIL while decoding and
-    resizing, so the threads run in parallel.
+    Each worker writes its normalised float32 image straight into the batch. Up to
+    ``lookahead + 1`` batches are in flight, so the pool keeps working while the consumer
+    handles the current batch. Pillow and numpy release the GIL while decoding, resizing
+    and converting, so the threads run in parallel.
     """
     shape = tuple(info.image_shape)
+    std = np.asarray(info.std, dtype=np.float32)
+    scale = np.float32(1.0 / 255.0) / std
+    shift = np.asarray(info.mean, dtype=np.float32) / std
+
+    def fill(out: np.ndarray, index: int, value: Any) -> None:
+        _normalize_into(out, transform(index, value), scale, shift)
+
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=num_workers, thread_name_prefix="nr_jax-decode"
     )
-    pending: collections.deque[tuple[np.ndarray, np.ndarray, int, list]] = collections.deque()
+    pending: collections.deque[dict[str, Any]] = collections.deque()
 
     def submit(indices: np.ndarray) -> None:
         records = _get_records(source, indices)
-        images = np.zeros((batch_size, *shape), dtype=np.uint8)
+        images = np.empty((batch_size, *shape), dtype=np.float32)
+        images[len(indices) :] = -shift  # Padding rows: normalised zero images.
         labels = np.zeros((batch_size,), dtype=np.int32)
         futures = []
         for row, (index, record) in enumerate(zip(indices, records, strict=True)):
             labels[row] = record["label"]
-            futures.append(
-                executor.submit(_fill, images, row, transform, int(index), record["image"])
-            )
-        pending.append((images, labels, len(indices), futures))
+            futures.append(executor.submit(fill, images[row], int(index), record["image"]))
+        batch: dict[str, Any] = {"image": images, "label": labels, "futures": futures}
+        if with_mask:
+            batch["mask"] = np.zeros((batch_size,), dtype=np.float32)
+            batch["mask"][: len(indices)] = 1.0
+        pending.append(batch)
+
+    def finish(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        for future in batch.pop("futures"):
+            future.result()  # Re-raises a decoding error here, on the consumer's side.
+        return batch
 
     try:
         for indices in plan:
             submit(indices)
-            if len(pending) <= lookahead:
-                continue
-            yield _finish(pending.popleft(), info, batch_size, with_mask)
+            if len(pending) > lookahead:
+                yield finish(pending.popleft())
         while pending:
-            yield _finish(pending.popleft(), info, batch_size, with_mask)
+            yield finish(pending.popleft())
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _finish(
-    item: tuple[np.ndarray, np.ndarray, int, list],
-    info: DatasetInfo,
-    batch_size: int,
-    with_mask: bool,
-) -> dict[str, np.ndarray]:
-    images, labels, real, futures = item
-    for future in futures:
-        future.result()  # Re-raises a decoding error here, on the consumer's side.
-    batch = {"image": normalize(images, info), "label": labels}
-    if with_mask:
-        mask = np.zeros((batch_size,), dtype=np.float32)
-        mask[:real] = 1.0
-        batch["mask"] = mask
-    return batch
 
 
 def _check_range(value: tuple[float, float], what: str) -> tuple[float, float]:
@@ -1600,6 +1612,7 @@ def train_batches_from_source(
     example ``i`` is augmented with ``np.random.default_rng([seed, epoch, i])``, so an
     epoch is a pure function of ``(seed, epoch)`` (independent of ``num_workers`` and of
     the batch size), and ``start_batch=k`` yields exactly batches ``k, k+1, ...``.
+    Wrap it in ``prefetch`` so that reading and batching also overlap the train step.
 
     Args:
         source: Random-access sequence of ``{"image": encoded bytes or uint8 array,

@@ -435,13 +435,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = trainer.place(
         init_state(trainer.model, trainer.tx, config, trainer.info.image_shape, key)
     )
-    train_x, train_y = nr_data.load_arrays(
-        config.dataset, "train", data_dir=config.data_dir or None, limit=config.train_limit or None
-    )
-    test_x, test_y = nr_data.load_arrays(
-        config.dataset, "test", data_dir=config.data_dir or None, limit=config.test_limit or None
-    )
-    steps_per_epoch = nr_data.steps_per_epoch(len(train_x), config.batch_size)
+    data = RunData(config, trainer.info)
+    steps_per_epoch = nr_data.steps_per_epoch(data.num_train, config.batch_size)
     history: list[dict] = []
     ckpt = (
         Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
@@ -464,12 +459,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         while int(state.epoch) < total_epochs():
             epoch = int(state.epoch)
             state, train_metrics = _train_epoch(
-                trainer, state, train_x, train_y, epoch, steps_per_epoch, writer, total_epochs()
+                trainer, state, data, epoch, steps_per_epoch, writer, total_epochs()
             )
             test_metrics = evaluate(
                 trainer.steps,
                 state,
-                nr_data.eval_batches(test_x, test_y, config.eval_batch_size, info=trainer.info),
+                data.test_batches(),
             )
             state = state.replace(epoch=state.epoch + 1)
             _check_finite(state)
@@ -513,28 +508,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return summary
 
 
+class _Limited:
+    """The first `n` examples of a random-access source."""
+
+    def __init__(self, source: Any, n: int) -> None:
+        self.source, self.n = source, min(n, len(source)) if n else len(source)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.source[i]
+
+
+class RunData:
+    """The run's training and test batches: in-memory arrays, or (ImageNet) decoded on the fly."""
+
+    def __init__(self, config: ml_collections.ConfigDict, info: Any) -> None:
+        self.config, self.info = config, info
+        data_dir = config.data_dir or None
+        if config.dataset == "imagenet2012":
+            self.train = _Limited(
+                nr_data.load_imagenet_source("train", data_dir=data_dir), config.train_limit
+            )
+            self.test = _Limited(
+                nr_data.load_imagenet_source("validation", data_dir=data_dir), config.test_limit
+            )
+            self.num_train = len(self.train)
+            return
+        self.train = nr_data.load_arrays(
+            config.dataset, "train", data_dir=data_dir, limit=config.train_limit or None
+        )
+        self.test = nr_data.load_arrays(
+            config.dataset, "test", data_dir=data_dir, limit=config.test_limit or None
+        )
+        self.num_train = len(self.train[0])
+
+    def train_batches(self, epoch: int) -> Iterator[dict]:
+        c = self.config
+        if isinstance(self.train, _Limited):
+            return nr_data.train_batches_from_source(
+                self.train,
+                c.batch_size,
+                seed=c.seed,
+                epoch=epoch,
+                info=self.info,
+                augment=c.augment,
+            )
+        return nr_data.train_batches(
+            *self.train, c.batch_size, seed=c.seed, epoch=epoch, augment=c.augment, info=self.info
+        )
+
+    def test_batches(self) -> Iterator[dict]:
+        c = self.config
+        if isinstance(self.test, _Limited):
+            return nr_data.eval_batches_from_source(self.test, c.eval_batch_size, info=self.info)
+        return nr_data.eval_batches(*self.test, c.eval_batch_size, info=self.info)
+
+
 def _train_epoch(
     trainer: Trainer,
     state: TrainState,
-    xs: np.ndarray,
-    ys: np.ndarray,
+    data: RunData,
     epoch: int,
     steps_per_epoch: int,
     writer: MetricWriter,
     total: int,
 ) -> tuple[TrainState, dict]:
     config = trainer.config
-    batches = nr_data.prefetch(
-        nr_data.train_batches(
-            xs,
-            ys,
-            config.batch_size,
-            seed=config.seed,
-            epoch=epoch,
-            augment=config.augment,
-            info=trainer.info,
-        )
-    )
+    batches = nr_data.prefetch(data.train_batches(epoch))
     bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{total}", config.progress)
     sums: dict[str, Any] = {}
     window: list[dict] = []
