@@ -343,6 +343,7 @@ def test_train_with_one_rejuvenation(name, prune, steps_before):
     config.nr.lam = 1e-2
     config.nr.target = 0.99
     config.progress = False
+    config.data_parallel = False  # trace counts on one device (sharding: tests/test_train.py)
     trainer = train.Trainer(config, workdir="")
     assert (("stem", "bn", "scale") in trainer.graph.l1_scale_paths()) == prune
     key = jax.random.key(0, impl="unsafe_rbg")

@@ -79,6 +79,7 @@ def test_train_steps_with_one_rejuvenation():
     config.model = "vgg_imagenet_tiny"  # 28x28 Fashion-MNIST fits its 7x7 average pool
     config.nr.lam = 1e-3
     config.progress = False
+    config.data_parallel = False  # trace counts on one device (sharding: tests/test_train.py)
     trainer = train.Trainer(config, workdir="")
     state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), key(0))
     rng = np.random.default_rng(0)
