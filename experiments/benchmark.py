@@ -228,11 +228,12 @@ def post_rejuvenation_cost(reps: int, steps: int) -> dict:
     batch = _batch(FLAGS.batch)
     out = {}
     for model in ("vgg_fmnist", "resnet_fmnist"):
-        cands, report = {}, None
+        cands, reports = {}, {}
         for scheme in ("removed", "attention", "dense"):
             trainer, state = _trainer(model, nr=True, scheme=scheme)
-            state, report = _force_rejuvenation(trainer, state)
+            state, reports[scheme] = _force_rejuvenation(trainer, state)
             cands[scheme] = (trainer.steps.train, state)
+        report = reports["removed"]
         times = interleaved(cands, batch, reps, steps)
         c = report.counts_after
         out[model] = {

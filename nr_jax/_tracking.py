@@ -120,9 +120,22 @@ def concat_sources(sources: Sequence[Source], splits: Sequence[int] | None = Non
     channels of every input], the channel layout after rejuvenation.
     """
     if splits is None:
-        return tuple(seg for s in sources for seg in s)
+        return merge_segments([seg for s in sources for seg in s])
     if any(len(s) != 1 for s in sources):
         raise ValueError("nr_jax.layers.concat with splits needs unit outputs as inputs")
     old = [(s[0][0], s[0][1], s[0][1] + k) for s, k in zip(sources, splits, strict=True)]
     new = [(s[0][0], s[0][1] + k, s[0][2]) for s, k in zip(sources, splits, strict=True)]
-    return tuple(seg for seg in old + new if seg[2] > seg[1])
+    return merge_segments(old + new)
+
+
+def merge_segments(segments: Sequence[Segment]) -> Source:
+    """Drops empty segments and merges contiguous neighbours of the same producers."""
+    out: list[Segment] = []
+    for seg in segments:
+        if seg[2] <= seg[1]:
+            continue
+        if out and out[-1][0] == seg[0] and out[-1][2] == seg[1]:
+            out[-1] = (seg[0], out[-1][1], seg[2])
+        else:
+            out.append(seg)
+    return tuple(out)

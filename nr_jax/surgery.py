@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nr_jax._tracking import merge_segments
 from nr_jax.graph import INPUT, ChannelGraph, Unit, channel_graph
 from nr_jax.layers import MASKS, UnitWidth, WidthSpec
 from nr_jax.liveness import Counts, Liveness, count, liveness, utilization
@@ -244,6 +245,7 @@ def rejuvenate(
     new_gamma: float = 0.5,
     threshold: float = 1e-2,
     dead_threshold: float = 1e-3,
+    check: bool = False,
 ) -> Rejuvenation:
     """Drops dead channels, widens survivors by r = sqrt(all/live), reinitialises new channels.
 
@@ -261,6 +263,8 @@ def rejuvenate(
         sticky zero mask (method.md 7.3).
       new_gamma: BN scale of new channels (official 0.5).
       threshold, dead_threshold: liveness thresholds when `live` is None.
+      check: also trace the new model and verify that it builds exactly the new graph and the
+        new variables' shapes (slower; the tests do it for every model family).
 
     Returns:
       `Rejuvenation(model, variables, opt_state, graph, report)`.
@@ -290,8 +294,15 @@ def rejuvenate(
     rng = host_rng(key)
     new_vars, leaf_plans = _new_variables(host, graph, plans, rng, new_gamma)
     new_model = model.clone(widths=_width_spec(graph, plans))
-    new_graph = channel_graph(new_model, graph.input_shape)
-    _check_shapes(new_vars, new_graph.variable_shapes)
+    new_graph = _derived_graph(graph, plans)
+    if check:
+        traced = channel_graph(new_model, graph.input_shape)
+        if traced != new_graph:
+            raise ValueError(
+                f"rejuvenate: {type(model).__name__} does not build the widths it was given "
+                "(its units must take their widths from `self.widths` via nr_jax.layers)"
+            )
+        _check_shapes(new_vars, traced.variable_shapes)
     new_state = None
     if opt_state is not None:
         new_state = _new_opt_state(tx, opt_state, host["params"], new_vars["params"], leaf_plans)
@@ -308,6 +319,47 @@ def rejuvenate(
     )
     new_vars = jax.tree.map(jnp.asarray, new_vars)
     return Rejuvenation(new_model, new_vars, new_state, new_graph, report)
+
+
+def _derived_graph(graph: ChannelGraph, plans: Mapping[str, _UnitPlan]) -> ChannelGraph:
+    """The graph of the rejuvenated model, without tracing it: same structure, new widths.
+
+    Input segments follow the layout the layers build: a single producer keeps one segment over
+    its whole new width; a concatenation lists every producer's survivors, then every
+    producer's new channels (`nr_jax.layers.concat(..., splits=...)`).
+    """
+    width = {u.name: plans[u.name].d_out for u in graph.units}
+    survivors = {u.name: len(plans[u.name].out_src) for u in graph.units}
+    units = []
+    for u in graph.all_units:
+        p = plans[u.name]
+        segs = []
+        for producers, start, stop in u.inputs:
+            name = sorted(producers)[0]
+            if INPUT in producers:
+                segs.append(((producers, start, stop), None))
+            else:
+                segs.append(((producers, 0, width[name]), survivors[name]))
+        if len(segs) > 1 and all(k is not None for _, k in segs):  # a concatenation
+            old = [(pr, 0, k) for (pr, _, _), k in segs]
+            new = [(pr, k, d) for (pr, _, d), k in segs]
+            inputs = merge_segments(old + new)
+        else:
+            inputs = merge_segments([seg for seg, _ in segs])
+        conv = u.kind == "conv"
+        units.append(
+            dataclasses.replace(
+                u,
+                inputs=inputs,
+                in_channels=p.d_in,
+                out_channels=p.d_out if conv else u.out_channels,
+                in_split=len(p.in_src),
+                out_split=len(p.out_src) if conv else None,
+            )
+        )
+    convs = tuple(x for x in units if x.kind == "conv")
+    head = next((x for x in units if x.kind == "classifier"), None)
+    return ChannelGraph(convs, head, graph.ties, graph.input_shape)
 
 
 def _width_spec(graph: ChannelGraph, plans: Mapping[str, _UnitPlan]) -> WidthSpec:
@@ -414,7 +466,10 @@ def _new_opt_state(
         for path, leaf in paths
     ]
     slots = jax.tree.unflatten(jax.tree.structure(old_params), plan_leaves)
-    template = tx.init(jax.tree.map(jnp.asarray, new_params))
+    shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), new_params
+    )
+    template = jax.eval_shape(tx.init, shapes)  # no arrays allocated, nothing compiled
     labels = optax.tree_map_params(
         tx,
         lambda leaf, slot: leaf if is_masked(leaf) else slot,
@@ -432,15 +487,23 @@ def _new_opt_state(
             "rejuvenate: opt_state does not have the structure of tx.init(params); "
             "was it made by another optimiser or model?"
         )
-    out = []
+    out: list[Any] = []
+    fresh: list[int] = []  # leaves that take tx.init(new_params)'s value
     for label, old, init in zip(label_leaves, old_leaves, new_leaves, strict=True):
         old_shape = tuple(np.shape(old))
         if label is _NON_PARAM:
-            out.append(old if old_shape == tuple(np.shape(init)) else init)
+            keep = old_shape == tuple(init.shape)  # counters and λ are kept
         elif label.plan is None or old_shape != label.old_shape:
-            same = old_shape == tuple(np.shape(init)) and label.plan is None
-            out.append(old if same else init)  # unchanged leaf, or factored statistics
+            keep = old_shape == tuple(init.shape) and label.plan is None  # else factored stats
         else:
-            zeros = np.zeros(np.shape(init), np.asarray(old).dtype)
+            zeros = np.zeros(init.shape, np.asarray(old).dtype)
             out.append(jnp.asarray(label.plan.gather(np.asarray(old), zeros)))
+            continue
+        if not keep:
+            fresh.append(len(out))
+        out.append(old)
+    if fresh:  # only then pay for a real initialisation
+        real = jax.tree.leaves(tx.init(jax.tree.map(jnp.asarray, new_params)))
+        for i in fresh:
+            out[i] = real[i]
     return jax.tree.unflatten(treedef, out)

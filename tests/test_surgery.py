@@ -288,3 +288,28 @@ def test_mismatched_trees_are_rejected():
     foreign_state = adamw_chain(graph).init(variables["params"])
     with pytest.raises(ValueError, match="structure"):
         nr_jax.rejuvenate(jax.random.key(0), model, variables, foreign_state, tx, graph)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("vgg_tiny", {}),
+        ("resnet_tiny_cifar", {}),
+        ("resnet_tiny_basic", {"prune_residual": True}),
+        ("densenet_tiny", {}),
+        ("vgg_imagenet_tiny", {}),
+    ],
+)
+def test_derived_graph_equals_traced_graph(name, kwargs):
+    """rejuvenate derives the new graph without tracing; check=True traces and compares."""
+    model = nr_jax.models.get(name, num_classes=10, **kwargs)
+    graph = nr_jax.channel_graph(model, (1, 28, 28, 1))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(
+        lambda s: rng.standard_normal(s.shape).astype(np.float32), graph.variable_shapes
+    )
+    variables, _ = random_gammas(variables, graph, seed=3)
+    res = nr_jax.rejuvenate(
+        jax.random.key(0), model, variables, None, optax.identity(), graph, check=True
+    )
+    assert res.graph == nr_jax.channel_graph(res.model, (1, 28, 28, 1))

@@ -74,8 +74,14 @@ class DenseNet(nn.Module):
 
     def _unit(self, name: str, features: int, kernel_size: int, strides: int = 1) -> layers.NRConv:
         return layers.conv_unit(
-            self.widths, name, features, kernel_size=kernel_size, strides=strides,
-            gamma_init=self.gamma_init, scheme=self.scheme, dtype=self.dtype,
+            self.widths,
+            name,
+            features,
+            kernel_size=kernel_size,
+            strides=strides,
+            gamma_init=self.gamma_init,
+            scheme=self.scheme,
+            dtype=self.dtype,
         )
 
     def _concat(self, features: Sequence[jax.Array], names: Sequence[str]) -> jax.Array:
@@ -122,7 +128,9 @@ class DenseNet(nn.Module):
             x = layers.avg_pool(x, 2)
             features, names = [x], [f"t{b}"]
         head = layers.classifier_unit(
-            self.widths, self.num_classes, bias_in_both_heads=self.bias_in_both_heads,
+            self.widths,
+            self.num_classes,
+            bias_in_both_heads=self.bias_in_both_heads,
             dtype=self.dtype,
         )
         return head(h)

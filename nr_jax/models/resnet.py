@@ -103,11 +103,25 @@ class ResNet(nn.Module):
     gamma_init: float = 1.0
     dtype: Any = None
 
-    def _unit(self, name: str, features: int, kernel_size: int, strides: int = 1,
-              fixed: bool = False, activation: Any = nn.relu) -> layers.NRConv:
+    def _unit(
+        self,
+        name: str,
+        features: int,
+        kernel_size: int,
+        strides: int = 1,
+        fixed: bool = False,
+        activation: Any = nn.relu,
+    ) -> layers.NRConv:
         return layers.conv_unit(
-            self.widths, name, features, kernel_size=kernel_size, strides=strides, fixed=fixed,
-            activation=activation, gamma_init=self.gamma_init, scheme=self.scheme,
+            self.widths,
+            name,
+            features,
+            kernel_size=kernel_size,
+            strides=strides,
+            fixed=fixed,
+            activation=activation,
+            gamma_init=self.gamma_init,
+            scheme=self.scheme,
             dtype=self.dtype,
         )
 
@@ -141,16 +155,19 @@ class ResNet(nn.Module):
                 st = stride if b == 0 else 1
                 if self.block == "basic":
                     y = self._unit(f"{name}_conv1", planes, 3, strides=st)(x, train)
-                    y = self._unit(f"{name}_conv2", out_planes, 3, fixed=tied,
-                                   activation=None)(y, train)
+                    y = self._unit(f"{name}_conv2", out_planes, 3, fixed=tied, activation=None)(
+                        y, train
+                    )
                 else:
                     y = self._unit(f"{name}_conv1", planes, 1)(x, train)
                     y = self._unit(f"{name}_conv2", planes, 3, strides=st)(y, train)
-                    y = self._unit(f"{name}_conv3", out_planes, 1, fixed=tied,
-                                   activation=None)(y, train)
+                    y = self._unit(f"{name}_conv3", out_planes, 1, fixed=tied, activation=None)(
+                        y, train
+                    )
                 if st != 1 or in_planes != out_planes:
-                    shortcut = self._unit(f"{name}_down", out_planes, 1, strides=st, fixed=tied,
-                                          activation=None)(x, train)
+                    shortcut = self._unit(
+                        f"{name}_down", out_planes, 1, strides=st, fixed=tied, activation=None
+                    )(x, train)
                 else:
                     shortcut = x
                 x = layers.relu(layers.add(y, shortcut))
@@ -162,23 +179,43 @@ class ResNet(nn.Module):
         else:
             kernel_init = _uniform(bound)
         head = layers.classifier_unit(
-            self.widths, self.num_classes, bias_in_both_heads=self.bias_in_both_heads,
-            kernel_init=kernel_init, bias_init=_uniform(bound), dtype=self.dtype,
+            self.widths,
+            self.num_classes,
+            bias_in_both_heads=self.bias_in_both_heads,
+            kernel_init=kernel_init,
+            bias_init=_uniform(bound),
+            dtype=self.dtype,
         )
         return head(x)
 
 
-def _cifar(n: int, planes: tuple[int, ...] = (16, 32, 64), block: str = "bottleneck",
-           **kwargs: Any) -> ResNet:
+def _cifar(
+    n: int, planes: tuple[int, ...] = (16, 32, 64), block: str = "bottleneck", **kwargs: Any
+) -> ResNet:
     strides = (1,) + (2,) * (len(planes) - 1)
-    return ResNet(stage_sizes=(n,) * len(planes), block=block, planes=planes, strides=strides,
-                  stem="cifar", stem_width=planes[0], head_init="he_fan_out", **kwargs)
+    return ResNet(
+        stage_sizes=(n,) * len(planes),
+        block=block,
+        planes=planes,
+        strides=strides,
+        stem="cifar",
+        stem_width=planes[0],
+        head_init="he_fan_out",
+        **kwargs,
+    )
 
 
 def _imagenet(stage_sizes: tuple[int, ...], block: str, **kwargs: Any) -> ResNet:
-    return ResNet(stage_sizes=stage_sizes, block=block, planes=(64, 128, 256, 512),
-                  strides=(1, 2, 2, 2), stem="imagenet", stem_width=64, head_init="torchvision",
-                  **kwargs)
+    return ResNet(
+        stage_sizes=stage_sizes,
+        block=block,
+        planes=(64, 128, 256, 512),
+        strides=(1, 2, 2, 2),
+        stem="imagenet",
+        stem_width=64,
+        head_init="torchvision",
+        **kwargs,
+    )
 
 
 # CIFAR ResNet-164: the official `resnet --depth 110` (6n+2 with n = 18, bottleneck blocks).

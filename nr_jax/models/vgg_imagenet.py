@@ -52,8 +52,13 @@ class VGGImageNet(nn.Module):
 
     def _unit(self, name: str, features: int, kernel_size: int) -> layers.NRConv:
         return layers.conv_unit(
-            self.widths, name, features, kernel_size=kernel_size, gamma_init=self.gamma_init,
-            scheme=self.scheme, dtype=self.dtype,
+            self.widths,
+            name,
+            features,
+            kernel_size=kernel_size,
+            gamma_init=self.gamma_init,
+            scheme=self.scheme,
+            dtype=self.dtype,
         )
 
     @nn.compact
@@ -75,7 +80,9 @@ class VGGImageNet(nn.Module):
         for j, v in enumerate(self.fc):
             x = self._unit(f"fc{6 + j}", v, 1)(x, train)
         head = layers.classifier_unit(
-            self.widths, self.num_classes, bias_in_both_heads=self.bias_in_both_heads,
+            self.widths,
+            self.num_classes,
+            bias_in_both_heads=self.bias_in_both_heads,
             dtype=self.dtype,
         )
         return head(x)
