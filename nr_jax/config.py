@@ -61,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.rescale_target = 0.0  # neural rescaling target t after rejuvenation (0 = off; paper 0.5)
     c.nr.compress_only = False  # stop right after rejuvenation (ImageNet two-step flow, step 1)
 
+    c.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 params and BN statistics)
+    c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off)
     c.data_parallel = True  # shard the batch over all devices (jax.sharding Mesh), state replicated
     c.log_every_steps = 50
     c.progress = True  # progress bar
@@ -106,6 +108,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail(field, config[field], "an integer >= 0 (0 = all examples)")
     if config.preset not in ("improved", "official"):
         _fail("preset", config.preset, "'improved' or 'official'")
+    if config.compute_dtype not in ("float32", "bfloat16"):
+        _fail("compute_dtype", config.compute_dtype, "'float32' or 'bfloat16'")
     if config.optimizer not in ("sgd", "adamw"):
         _fail("optimizer", config.optimizer, "'sgd' or 'adamw'")
     for field in ("lr", "weight_decay"):

@@ -270,6 +270,7 @@ class Trainer:
             num_classes=self.info.num_classes,
             scheme=config.nr.scheme,
             bias_in_both_heads=config.preset == "official",  # method.md 7.6
+            dtype=jnp.bfloat16 if config.compute_dtype == "bfloat16" else None,
             **config.model_kwargs,
         )
         self.graph = channel_graph(self.model, self.input_shape)
@@ -429,6 +430,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     validate(config)
     os.makedirs(workdir, exist_ok=True)
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     t_start = time.time()
     trainer = Trainer(config, workdir)
     key = jax.random.key(config.seed)

@@ -233,3 +233,15 @@ def test_non_finite_parameters_stop_the_run():
     params["conv1"]["kernel"] = params["conv1"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train._check_finite(state.replace(params=params))
+
+
+def test_bfloat16_compute_keeps_float32_state():
+    config = tiny_config()
+    config.compute_dtype = "bfloat16"
+    trainer = train.Trainer(config, workdir="")
+    state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
+    for i in range(2):
+        state, metrics = trainer.steps.train(state, synthetic_batch(i))
+    assert np.isfinite(float(metrics["loss"]))
+    for leaf in jax.tree.leaves((state.params, state.batch_stats)):
+        assert leaf.dtype == jnp.float32
