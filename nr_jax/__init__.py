@@ -24,9 +24,11 @@ from nr_jax.surgery import (
     ALLOCATIONS,
     Rejuvenation,
     RejuvenationReport,
+    allocated_resource,
     integer_allocation,
     plan_widths,
     rejuvenate,
+    rounded_allocation,
     sqrt_allocation,
 )
 
@@ -54,6 +56,7 @@ __all__ = [
     "count",
     "get_lambda",
     "head_logits",
+    "allocated_resource",
     "integer_allocation",
     "l1_bn_scales",
     "liveness",
@@ -62,6 +65,7 @@ __all__ = [
     "plan_widths",
     "predict",
     "rejuvenate",
+    "rounded_allocation",
     "set_lambda",
     "sqrt_allocation",
     "utilization",

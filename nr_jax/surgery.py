@@ -56,7 +56,86 @@ def integer_allocation(
     return sqrt_allocation(graph, survivors, float(int(r)))
 
 
-ALLOCATIONS: dict[str, Allocation] = {"sqrt": sqrt_allocation, "integer": integer_allocation}
+def allocated_resource(
+    graph: ChannelGraph, widths: Mapping[str, int], resource: str = "params"
+) -> int:
+    """Conv weights (or MACs) of the network `graph` with output widths `widths`."""
+    total = 0
+    for u in graph.units:
+        d_in = 0
+        for producers, start, stop in u.inputs:
+            d_in += stop - start if INPUT in producers else widths[sorted(producers)[0]]
+        w = u.kernel[0] * u.kernel[1] * d_in * widths[u.name]
+        total += w * (u.out_hw[0] * u.out_hw[1] if resource == "flops" else 1)
+    return total
+
+
+def rounded_allocation(
+    granularity: int = 8, resource: str = "params", tolerance: float = 0.01
+) -> Allocation:
+    """Hardware-aware widths: every total width a multiple of `granularity`, budget kept.
+
+    The survivor group keeps its L channels; only the new group is sized so that the unit's
+    total width is a multiple of `granularity` (at least L). The largest uniform expansion factor
+    that fits the pre-rejuvenation budget is found by bisection, then single units (a residual
+    tie as one) grow by one granule at a time until the allocated resource is within
+    `tolerance` of the budget (on either side), where the granularity allows it.
+    """
+    if granularity < 1:
+        raise ValueError(f"granularity must be >= 1, got {granularity}")
+
+    def widths_at(survivors: Mapping[str, int], r: float) -> dict[str, int]:
+        out = {}
+        for name, n in survivors.items():
+            w = max(int(math.floor(n * r)), n, 1)
+            out[name] = max(n, granularity * max(1, round(w / granularity)))
+        return out
+
+    def allocate(graph: ChannelGraph, survivors: Mapping[str, int], r: float) -> dict[str, int]:
+        budget = allocated_resource(graph, graph.widths, resource)
+        cost = lambda w: allocated_resource(graph, w, resource)  # noqa: E731
+        lo, hi = 0.0, 4.0 * r
+        best = widths_at(survivors, 0.0)
+        for _ in range(40):  # the largest uniform factor that fits the budget
+            mid = (lo + hi) / 2
+            widths = widths_at(survivors, mid)
+            if cost(widths) <= budget:
+                lo, best = mid, widths
+            else:
+                hi = mid
+        # then fill the gap greedily, one granule at a time (a residual tie moves together)
+        tied = {n: tie for tie in graph.ties for n in tie}
+        groups = {tied.get(n, frozenset([n])) for n in best}
+        while cost(best) < (1 - tolerance) * budget:
+            options = []
+            for group in groups:
+                trial = {**best, **{n: best[n] + granularity for n in group}}
+                if (c := cost(trial)) <= (1 + tolerance) * budget:
+                    options.append((abs(c - budget), sorted(group)[0], trial))
+            if not options and len(groups) <= 48:  # grow one group, shrink another
+                for up in groups:
+                    for down in groups - {up}:
+                        trial = {**best, **{n: best[n] + granularity for n in up}}
+                        trial.update({n: best[n] - granularity for n in down})
+                        if any(trial[n] < max(survivors[n], 1) for n in down):
+                            continue
+                        c = cost(trial)
+                        if cost(best) < c <= (1 + tolerance) * budget:
+                            options.append((abs(c - budget), sorted(up)[0], trial))
+            if not options:
+                break
+            best = min(options)[2]
+        return best
+
+    return allocate
+
+
+ALLOCATIONS: dict[str, Allocation] = {
+    "sqrt": sqrt_allocation,
+    "integer": integer_allocation,
+    "round8": rounded_allocation(8),
+    "round16": rounded_allocation(16),
+}
 
 
 class AxisPlan:

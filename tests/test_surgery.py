@@ -313,3 +313,30 @@ def test_derived_graph_equals_traced_graph(name, kwargs):
         jax.random.key(0), model, variables, None, optax.identity(), graph, check=True
     )
     assert res.graph == nr_jax.channel_graph(res.model, (1, 28, 28, 1))
+
+
+@pytest.mark.parametrize("granularity", [4, 8])
+def test_rounded_allocation_keeps_budget_and_granularity(granularity):
+    model = nr_jax.models.get("vgg_fmnist", num_classes=10)
+    graph = nr_jax.channel_graph(model, (1, 28, 28, 1))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(
+        lambda s: rng.standard_normal(s.shape).astype(np.float32), graph.variable_shapes
+    )
+    variables, _ = random_gammas(variables, graph, seed=5, dead_frac=0.6)
+    res = nr_jax.rejuvenate(
+        jax.random.key(0),
+        model,
+        variables,
+        None,
+        optax.identity(),
+        graph,
+        allocation=nr_jax.rounded_allocation(granularity),
+    )
+    budget = nr_jax.allocated_resource(graph, graph.widths)
+    after = nr_jax.allocated_resource(res.graph, res.graph.widths)
+    assert abs(after - budget) <= 0.01 * budget
+    assert after == res.report.counts_after.conv
+    for name, w in res.report.widths_after.items():
+        assert w % granularity == 0 or w == res.report.survivors[name]
+        assert w >= res.report.survivors[name]
