@@ -55,7 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.dead_threshold = 1e-3  # unit all-dead iff max |γ| < dead_threshold
     c.nr.max_search_epochs = 30  # search epochs before giving up on the target
     c.nr.on_search_timeout = "rejuvenate"  # "rejuvenate" (at the utilisation reached) or "stop"
-    c.nr.allocation = "sqrt"  # width rule: "sqrt" (D = floor(L*r)) or "integer" (L*int(r))
+    # width rule: "auto" (improved preset: "round8", official: "sqrt"), "sqrt" (D = floor(L*r)),
+    # "integer" (D = L*int(r), CIFAR DenseNet), "round8"/"round16" (multiples, budget within 1%)
+    c.nr.allocation = "auto"
     c.nr.min_width = 1  # every unit keeps at least this many channels
     c.nr.new_gamma = 0.5  # BN γ of new channels
     c.nr.rescale_target = 0.0  # neural rescaling target t after rejuvenation (0 = off; paper 0.5)
@@ -144,8 +146,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("nr.on_search_timeout", nr.on_search_timeout, "'rejuvenate' or 'stop'")
     from nr_jax.surgery import ALLOCATIONS
 
-    if nr.allocation not in ALLOCATIONS:
-        _fail("nr.allocation", nr.allocation, f"one of {sorted(ALLOCATIONS)}")
+    if nr.allocation not in ALLOCATIONS and nr.allocation != "auto":
+        _fail("nr.allocation", nr.allocation, f"'auto' or one of {sorted(ALLOCATIONS)}")
     if not isinstance(nr.min_width, int) or nr.min_width < 1:
         _fail("nr.min_width", nr.min_width, "an integer >= 1")
     if not nr.rescale_target >= 0:

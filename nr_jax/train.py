@@ -347,7 +347,7 @@ class Trainer:
             self.tx,
             self.graph,
             resource=nr.resource,
-            allocation=ALLOCATIONS[nr.allocation],
+            allocation=ALLOCATIONS[allocation_name(self.config)],
             min_width=nr.min_width,
             new_gamma=nr.new_gamma,
             threshold=nr.threshold,
@@ -404,6 +404,13 @@ def _check_finite(state: TrainState) -> None:
             f"NaN or Inf in the parameters or BN statistics after epoch {int(state.epoch)}; "
             "the last good checkpoint is kept (resume from it with a lower learning rate or λ)."
         )
+
+
+def allocation_name(config: ml_collections.ConfigDict) -> str:
+    """The width rule in force: `nr.allocation`, or for "auto" the preset's choice."""
+    if config.nr.allocation != "auto":
+        return config.nr.allocation
+    return "round8" if config.preset == "improved" else "sqrt"
 
 
 def _at(tree: Any, path: tuple[str, ...]) -> Any:

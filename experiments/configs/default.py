@@ -25,5 +25,6 @@ def get_config():
     c.nr.target = 0.25
     c.nr.lam = 1e-2  # much stronger than CIFAR's 1.5e-4: the search takes 2-3 epochs, not 30
     c.nr.max_search_epochs = 8
+    c.nr.allocation = "sqrt"  # the official rule (the figures in the README used it)
     c.log_every_steps = 20
     return c

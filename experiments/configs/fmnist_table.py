@@ -27,6 +27,7 @@ def get_config(arch: str = "vgg"):
     c.nr.target = 0.25
     c.nr.lam = 1e-2
     c.nr.max_search_epochs = 8
+    c.nr.allocation = "sqrt"  # the official rule (the figures in the README used it)
     c.log_every_steps = 20
     c.checkpoint = False
     c.tensorboard = False
