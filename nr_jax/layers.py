@@ -18,6 +18,8 @@ Widths are static module fields. After rejuvenation every channel axis is laid o
   and lr, rr from one convolution of the new inputs over `W[:, :, L_in:]` (two convolutions at
   the dense FLOPs instead of the official four). The cross blocks start at zero, so old outputs
   are unchanged at rejuvenation time. A unit without new (or without old) inputs is a plain conv.
+* scheme ``"attention4"``: the same cross-attention computed as the official code does, with four
+  block convolutions (kept to measure the choice; see `experiments/benchmark.py`).
 * scheme ``"dense"``: one full convolution over the whole kernel.
 
 Every helper that moves activations between units (`max_pool`, `avg_pool`, `relu`, `add`,
@@ -43,7 +45,7 @@ from nr_jax import _tracking
 
 Array = jax.Array
 MASKS = "nr_masks"
-SCHEMES = ("removed", "attention", "dense")
+SCHEMES = ("removed", "attention", "attention4", "dense")
 
 
 def he_fan_out(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
@@ -186,7 +188,7 @@ class NRConv(nn.Module):
                 f"NRConv {self.name}: split points must satisfy 0 <= in_split <= {d_in} and "
                 f"0 <= out_split <= {self.features}; got in_split={l_in}, out_split={l_out}"
             )
-        if self.scheme == "attention":
+        if self.scheme in ("attention", "attention4"):
             return self._attention(x, kernel, strides, l_in, l_out)
         parts = []
         if l_out > 0:
@@ -206,10 +208,17 @@ class NRConv(nn.Module):
     ) -> Array:
         if l_in in (0, x.shape[-1]) or l_out in (0, self.features):
             return _conv(x, kernel, strides)  # no second group to attend to
-        from_old = _conv(x[..., :l_in], kernel[:, :, :l_in], strides)  # [ll, rl]
-        from_new = _conv(x[..., l_in:], kernel[:, :, l_in:], strides)  # [lr, rr]
-        ll, rl = from_old[..., :l_out], from_old[..., l_out:]
-        lr, rr = from_new[..., :l_out], from_new[..., l_out:]
+        x_o, x_n = x[..., :l_in], x[..., l_in:]
+        if self.scheme == "attention4":
+            ll = _conv(x_o, kernel[:, :, :l_in, :l_out], strides)
+            rl = _conv(x_o, kernel[:, :, :l_in, l_out:], strides)
+            lr = _conv(x_n, kernel[:, :, l_in:, :l_out], strides)
+            rr = _conv(x_n, kernel[:, :, l_in:, l_out:], strides)
+        else:
+            from_old = _conv(x_o, kernel[:, :, :l_in], strides)  # [ll, rl]
+            from_new = _conv(x_n, kernel[:, :, l_in:], strides)  # [lr, rr]
+            ll, rl = from_old[..., :l_out], from_old[..., l_out:]
+            lr, rr = from_new[..., :l_out], from_new[..., l_out:]
         old = ll + 2.0 * jax.nn.sigmoid(ll) * lr
         new = rr + 2.0 * jax.nn.sigmoid(rr) * rl
         return jnp.concatenate([old, new], axis=-1)

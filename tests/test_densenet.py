@@ -43,8 +43,11 @@ HAND_GAMMAS = {
 
 
 def sgd_chain(graph):
-    return optax.chain(nr_jax.l1_bn_scales(graph, 1e-4), optax.add_decayed_weights(1e-4),
-                       optax.sgd(0.1, momentum=0.9))
+    return optax.chain(
+        nr_jax.l1_bn_scales(graph, 1e-4),
+        optax.add_decayed_weights(1e-4),
+        optax.sgd(0.1, momentum=0.9),
+    )
 
 
 def warm_state(tx, params, seed=0):
@@ -52,7 +55,8 @@ def warm_state(tx, params, seed=0):
     rng = np.random.default_rng(seed)
     return jax.tree.map(
         lambda s: rng.standard_normal(np.shape(s)).astype(s.dtype) if np.ndim(s) else s,
-        tx.init(params))
+        tx.init(params),
+    )
 
 
 def tiny_setup(seed=0, dead_frac=0.5, gammas=None):
@@ -70,18 +74,31 @@ def tiny_setup(seed=0, dead_frac=0.5, gammas=None):
 def test_graph_of_tiny_densenet():
     graph = nr_jax.channel_graph(nr_jax.models.get("densenet_tiny", num_classes=10), X.shape)
     assert [u.name for u in graph.units] == [
-        "stem", "b1l1_conv1", "b1l1_conv2", "b1l2_conv1", "b1l2_conv2", "t1",
-        "b2l1_conv1", "b2l1_conv2", "b2l2_conv1", "b2l2_conv2"]
+        "stem",
+        "b1l1_conv1",
+        "b1l1_conv2",
+        "b1l2_conv1",
+        "b1l2_conv2",
+        "t1",
+        "b2l1_conv1",
+        "b2l1_conv2",
+        "b2l2_conv1",
+        "b2l2_conv2",
+    ]
     assert not any(u.fixed for u in graph.units)  # method.md 2.3: nothing fixed in DenseNet
-    assert graph["b1l2_conv1"].inputs == ((frozenset(["stem"]), 0, 8),
-                                          (frozenset(["b1l1_conv2"]), 0, 4))
+    assert graph["b1l2_conv1"].inputs == (
+        (frozenset(["stem"]), 0, 8),
+        (frozenset(["b1l1_conv2"]), 0, 4),
+    )
     assert graph["t1"].inputs[-1] == (frozenset(["b1l2_conv2"]), 0, 4)
     assert graph["t1"].out_channels == 8 and graph["t1"].out_hw == (8, 8)  # floor(16 / 2)
     assert graph["b2l1_conv1"].inputs == ((frozenset(["t1"]), 0, 8),)
     assert graph["b2l1_conv1"].out_hw == (4, 4)  # after the transition's 2x2 average pool
-    assert graph.classifier.inputs == ((frozenset(["t1"]), 0, 8),
-                                       (frozenset(["b2l1_conv2"]), 0, 4),
-                                       (frozenset(["b2l2_conv2"]), 0, 4))
+    assert graph.classifier.inputs == (
+        (frozenset(["t1"]), 0, 8),
+        (frozenset(["b2l1_conv2"]), 0, 4),
+        (frozenset(["b2l2_conv2"]), 0, 4),
+    )
 
 
 def test_utilization_on_paper():
@@ -105,18 +122,31 @@ def test_utilization_on_paper():
     def double(graph, survivors, r):
         return {n: 2 * k for n, k in survivors.items()}
 
-    res = nr_jax.rejuvenate(key(1), HAND, variables, None, optax.identity(), graph,
-                            allocation=double)
+    res = nr_jax.rejuvenate(
+        key(1), HAND, variables, None, optax.identity(), graph, allocation=double
+    )
     assert res.report.r == pytest.approx(math.sqrt(115 / 64))
-    assert res.graph.widths == {"stem": 4, "b1l1_conv1": 4, "b1l1_conv2": 2, "b1l2_conv1": 4,
-                                "b1l2_conv2": 2}
+    assert res.graph.widths == {
+        "stem": 4,
+        "b1l1_conv1": 4,
+        "b1l1_conv2": 2,
+        "b1l2_conv1": 4,
+        "b1l2_conv2": 2,
+    }
     l2c1, head = res.graph["b1l2_conv1"], res.graph.classifier
     assert (l2c1.in_channels, l2c1.in_split) == (6, 3)
-    assert l2c1.inputs == ((frozenset(["stem"]), 0, 2), (frozenset(["b1l1_conv2"]), 0, 1),
-                           (frozenset(["stem"]), 2, 4), (frozenset(["b1l1_conv2"]), 1, 2))
+    assert l2c1.inputs == (
+        (frozenset(["stem"]), 0, 2),
+        (frozenset(["b1l1_conv2"]), 0, 1),
+        (frozenset(["stem"]), 2, 4),
+        (frozenset(["b1l1_conv2"]), 1, 2),
+    )
     assert (head.in_channels, head.in_split) == (8, 4)
-    assert head.inputs[:3] == ((frozenset(["stem"]), 0, 2), (frozenset(["b1l1_conv2"]), 0, 1),
-                               (frozenset(["b1l2_conv2"]), 0, 1))
+    assert head.inputs[:3] == (
+        (frozenset(["stem"]), 0, 2),
+        (frozenset(["b1l1_conv2"]), 0, 1),
+        (frozenset(["b1l2_conv2"]), 0, 1),
+    )
     assert res.graph["stem"].inputs == ((frozenset([INPUT]), 0, 1),)
     # the survivors' kernel columns of b1l2_conv1 are its old live inputs, in producer order
     old = np.asarray(variables["params"]["b1l2_conv1"]["kernel"])
@@ -132,7 +162,8 @@ def test_rejuvenation_invariants():
     res = nr_jax.rejuvenate(key(3), model, variables, state, tx, graph)
     new_params = res.variables["params"]
     chex.assert_trees_all_equal_shapes_and_dtypes(
-        res.variables, jax.eval_shape(lambda: init(res.model, key(0), X)))
+        res.variables, jax.eval_shape(lambda: init(res.model, key(0), X))
+    )
     chex.assert_trees_all_equal_shapes_and_dtypes(res.opt_state, tx.init(new_params))
     chex.assert_tree_all_finite(res.variables)
     chex.assert_tree_all_finite(res.opt_state)
@@ -147,8 +178,12 @@ def test_rejuvenation_invariants():
         new_k = np.asarray(new_params[u.name]["kernel"])
         np.testing.assert_array_equal(new_k[:, :, :li, :lo], old_k[:, :, keep_in][..., keep_out])
         assert not np.any(new_k[:, :, li:, :lo])  # new inputs never reach survivors
-        for coll, leaf, fill in (("params", "scale", 0.5), ("params", "bias", 0.0),
-                                 ("batch_stats", "mean", 0.0), ("batch_stats", "var", 1.0)):
+        for coll, leaf, fill in (
+            ("params", "scale", 0.5),
+            ("params", "bias", 0.0),
+            ("batch_stats", "mean", 0.0),
+            ("batch_stats", "var", 1.0),
+        ):
             old = np.asarray(variables[coll][u.name]["bn"][leaf])
             new = np.asarray(res.variables[coll][u.name]["bn"][leaf])
             np.testing.assert_array_equal(new[:lo], old[keep_out])
@@ -159,14 +194,18 @@ def test_rejuvenation_invariants():
     keep_in = np.flatnonzero(live.inp["b2l2_conv1"])
     old_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     new_leaves = dict(jax.tree_util.tree_flatten_with_path(res.opt_state)[0])
-    moments = [(p, v) for p, v in old_leaves
-               if "'b2l2_conv1'" in jax.tree_util.keystr(p) and np.ndim(v) == 4]
+    moments = [
+        (p, v)
+        for p, v in old_leaves
+        if "'b2l2_conv1'" in jax.tree_util.keystr(p) and np.ndim(v) == 4
+    ]
     assert moments
     for path, old in moments:
         new = np.asarray(new_leaves[path])
         li, lo = len(keep_in), len(keep_out)
-        np.testing.assert_array_equal(new[:, :, :li, :lo],
-                                      np.asarray(old)[:, :, keep_in][..., keep_out])
+        np.testing.assert_array_equal(
+            new[:, :, :li, :lo], np.asarray(old)[:, :, keep_in][..., keep_out]
+        )
         assert not np.any(new[:, :, li:, :]) and not np.any(new[:, :, :, lo:])
 
 
@@ -182,18 +221,20 @@ def test_survivor_path_reproduces_old_network_through_concatenations():
     chex.assert_tree_all_finite(out)
 
 
-@pytest.mark.parametrize("killed, dead_units", [
-    ("b1l2_conv2", ("b1l2_conv2",)),  # the 3x3 conv of a dense layer: γ all ~0
-    ("b2l1_conv1", ("b2l1_conv1", "b2l1_conv2")),  # its bottleneck: the 3x3 has no live input
-])
+@pytest.mark.parametrize(
+    "killed, dead_units",
+    [
+        ("b1l2_conv2", ("b1l2_conv2",)),  # the 3x3 conv of a dense layer: γ all ~0
+        ("b2l1_conv1", ("b2l1_conv1", "b2l1_conv2")),  # its bottleneck: the 3x3 has no live input
+    ],
+)
 def test_whole_dead_dense_layer(killed, dead_units):
     n = 4 if killed.endswith("conv2") else 16
     model, variables, graph = tiny_setup(seed=2, gammas={killed: np.full(n, 1e-5, np.float32)})
     live = nr_jax.liveness(jax.device_get(variables), graph)
     assert {u for u, d in live.dead.items() if d} == set(dead_units)
     reference = apply(model, zero_dead(variables, live), X)
-    res = nr_jax.rejuvenate(key(1), model, variables, None, optax.identity(), graph,
-                            min_width=2)
+    res = nr_jax.rejuvenate(key(1), model, variables, None, optax.identity(), graph, min_width=2)
     assert res.report.dead_units == dead_units
     for name in dead_units:
         dead = res.graph[name]
@@ -217,8 +258,15 @@ def quarter_setup():
 
 def test_integer_allocation_doubles_every_width():
     model, variables, graph, u = quarter_setup()
-    res = nr_jax.rejuvenate(key(0), model, variables, None, optax.identity(), graph,
-                            allocation=nr_jax.integer_allocation)
+    res = nr_jax.rejuvenate(
+        key(0),
+        model,
+        variables,
+        None,
+        optax.identity(),
+        graph,
+        allocation=nr_jax.integer_allocation,
+    )
     assert 2 <= res.report.r < 3
     for name, k in res.report.survivors.items():
         assert k > 0
@@ -244,22 +292,34 @@ def test_train_steps_with_one_rejuvenation():
     rng = np.random.default_rng(0)
 
     def batch():
-        return {"image": jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
-                "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
-                "mask": jnp.ones((8,), jnp.float32)}
+        return {
+            "image": jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
+            "mask": jnp.ones((8,), jnp.float32),
+        }
 
     for _ in range(2):
         state, metrics = trainer.steps.train(state, batch())
     assert 0 < float(metrics["utilization"]) <= 1
     variables, gammas = random_gammas(jax.device_get(state.variables), trainer.graph, 3, 0.6)
     state = state.replace(params=variables["params"])
-    res = nr_jax.rejuvenate(key(1), trainer.model, state.variables, state.opt_state,
-                            trainer.tx, trainer.graph, allocation=nr_jax.integer_allocation)
+    res = nr_jax.rejuvenate(
+        key(1),
+        trainer.model,
+        state.variables,
+        state.opt_state,
+        trainer.tx,
+        trainer.graph,
+        allocation=nr_jax.integer_allocation,
+    )
     assert res.report.r >= 2
     trainer.set_widths(res.model.widths)
-    state = state.replace(params=res.variables["params"], batch_stats=res.variables["batch_stats"],
-                          masks=res.variables[nr_jax.MASKS],
-                          opt_state=nr_jax.set_lambda(res.opt_state, 0.0))
+    state = state.replace(
+        params=res.variables["params"],
+        batch_stats=res.variables["batch_stats"],
+        masks=res.variables[nr_jax.MASKS],
+        opt_state=nr_jax.set_lambda(res.opt_state, 0.0),
+    )
     for _ in range(2):
         state, metrics = trainer.steps.train(state, batch())
     assert trainer.counter == {"train": 2}
@@ -277,8 +337,9 @@ def _one_train_step(model, shape):
     @jax.jit
     def step(variables, opt_state):
         def loss_fn(params):
-            out, upd = model.apply({**variables, "params": params}, x, train=True,
-                                   mutable=["batch_stats"])
+            out, upd = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
             return nr_jax.nr_loss(out, labels), upd
 
         (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
@@ -292,11 +353,14 @@ def _one_train_step(model, shape):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, num_classes, hw, params, gmacs", [
-    ("densenet_bc100_k40_cifar", 10, 32, 8.269e6, 3.194),
-    ("densenet_bc100_k40_cifar", 100, 32, 8.372e6, 3.194),
-    ("densenet121", 1000, 224, 7.916e6, 2.833),
-])
+@pytest.mark.parametrize(
+    "name, num_classes, hw, params, gmacs",
+    [
+        ("densenet_bc100_k40_cifar", 10, 32, 8.269e6, 3.194),
+        ("densenet_bc100_k40_cifar", 100, 32, 8.372e6, 3.194),
+        ("densenet121", 1000, 224, 7.916e6, 2.833),
+    ],
+)
 def test_full_size(name, num_classes, hw, params, gmacs):
     model = nr_jax.models.get(name, num_classes=num_classes)
     c = nr_jax.count(nr_jax.channel_graph(model, (1, hw, hw, 3)))
@@ -309,6 +373,9 @@ def test_full_size(name, num_classes, hw, params, gmacs):
 
 @pytest.mark.slow
 def test_k12_variant_counts():
-    c = nr_jax.count(nr_jax.channel_graph(
-        nr_jax.models.get("densenet_bc100_k12_cifar", num_classes=10), (1, 32, 32, 3)))
+    c = nr_jax.count(
+        nr_jax.channel_graph(
+            nr_jax.models.get("densenet_bc100_k12_cifar", num_classes=10), (1, 32, 32, 3)
+        )
+    )
     assert c.total == 751_498 and c.macs == 287_926_272  # DenseNet-BC-100 (k=12): 0.8M

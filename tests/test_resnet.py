@@ -19,8 +19,11 @@ XV = jax.random.normal(jax.random.key(7), (4, 8, 8, 3))  # tiny CIFAR nets: 8x8 
 
 
 def sgd_chain(graph):
-    return optax.chain(nr_jax.l1_bn_scales(graph, 1e-4), optax.add_decayed_weights(1e-4),
-                       optax.sgd(0.1, momentum=0.9))
+    return optax.chain(
+        nr_jax.l1_bn_scales(graph, 1e-4),
+        optax.add_decayed_weights(1e-4),
+        optax.sgd(0.1, momentum=0.9),
+    )
 
 
 def _trace(opt_state):
@@ -32,9 +35,11 @@ def warm_state(tx, params, seed=0):
     """A state of `tx` for `params` with random momentum buffers and λ = 1e-4 (host numpy)."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(
-        lambda x: rng.standard_normal(x.shape).astype(x.dtype) if x.ndim
-        else np.full((), 1e-4, x.dtype),
-        jax.eval_shape(tx.init, params))
+        lambda x: (
+            rng.standard_normal(x.shape).astype(x.dtype) if x.ndim else np.full((), 1e-4, x.dtype)
+        ),
+        jax.eval_shape(tx.init, params),
+    )
 
 
 def host_variables(graph, seed=0):
@@ -84,11 +89,20 @@ def gammas_at_utilization(variables, graph, target, seed=0, iters=12):
 # 1. A 2-block residual net on paper
 # ---------------------------------------------------------------------------------------------
 
+
 def two_block_net(prune_residual):
     """stem 3x3 (1->2) | block s1b0: conv1 3x3 2->2, conv2 3x3 2->2, identity shortcut |
     block s2b0 (stride 2): conv1 3x3 2->4, conv2 3x3 4->4, down 1x1 2->4 | head (3 classes)."""
-    return ResNet(stage_sizes=(1, 1), block="basic", planes=(2, 4), strides=(1, 2), stem="cifar",
-                  stem_width=2, num_classes=3, prune_residual=prune_residual)
+    return ResNet(
+        stage_sizes=(1, 1),
+        block="basic",
+        planes=(2, 4),
+        strides=(1, 2),
+        stem="cifar",
+        stem_width=2,
+        num_classes=3,
+        prune_residual=prune_residual,
+    )
 
 
 X2 = jnp.ones((2, 4, 4, 1))
@@ -96,8 +110,11 @@ X2 = jnp.ones((2, 4, 4, 1))
 # stream 1 {stem, s1b0_conv2}: channel 1 dead in both -> [1, 0] when prunable
 # stream 2 {s2b0_conv2, s2b0_down}: channel 1 dead in both, channel 2 live in conv2 -> [1, 0, 1, 1]
 GAMMAS2 = {
-    "stem": [1.0, 1e-4], "s1b0_conv1": [1.0, 0.001], "s1b0_conv2": [0.8, 1e-5],
-    "s2b0_conv1": [0.5, 0.0, 0.3, 0.004], "s2b0_conv2": [1.0, 1e-4, 1.0, 1.0],
+    "stem": [1.0, 1e-4],
+    "s1b0_conv1": [1.0, 0.001],
+    "s1b0_conv2": [0.8, 1e-5],
+    "s2b0_conv1": [0.5, 0.0, 0.3, 0.004],
+    "s2b0_conv2": [1.0, 1e-4, 1.0, 1.0],
     "s2b0_down": [1.0, 1e-4, 1e-4, 1.0],
 }
 
@@ -111,10 +128,18 @@ def net2():
 def test_two_block_graph_structure(net2):
     _, graphs = net2
     g = graphs[False]
-    assert [u.name for u in g.units] == ["stem", "s1b0_conv1", "s1b0_conv2", "s2b0_conv1",
-                                         "s2b0_conv2", "s2b0_down"]
-    assert set(g.ties) == {frozenset({"stem", "s1b0_conv2"}),
-                           frozenset({"s2b0_conv2", "s2b0_down"})}
+    assert [u.name for u in g.units] == [
+        "stem",
+        "s1b0_conv1",
+        "s1b0_conv2",
+        "s2b0_conv1",
+        "s2b0_conv2",
+        "s2b0_down",
+    ]
+    assert set(g.ties) == {
+        frozenset({"stem", "s1b0_conv2"}),
+        frozenset({"s2b0_conv2", "s2b0_down"}),
+    }
     assert g["s2b0_conv1"].inputs == ((frozenset({"stem", "s1b0_conv2"}), 0, 2),)
     assert g.classifier.inputs == ((frozenset({"s2b0_conv2", "s2b0_down"}), 0, 4),)
     assert g["s2b0_down"].strides == (2, 2) and g["s2b0_down"].out_hw == (2, 2)
@@ -161,6 +186,7 @@ def test_two_block_utilization_on_paper(net2, prune):
 # 4. prune_residual: the stream narrows only when it may
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("prune", [False, True])
 def test_prune_residual_stream(net2, prune):
     variables, graphs = net2
@@ -169,8 +195,9 @@ def test_prune_residual_stream(net2, prune):
     r = math.sqrt(314 / (102 if prune else 170))
     assert res.report.r == pytest.approx(r)
     survivors = (1, 3) if prune else (2, 4)  # stream 1, stream 2
-    for names, s in zip((("stem", "s1b0_conv2"), ("s2b0_conv2", "s2b0_down")), survivors,
-                        strict=True):
+    for names, s in zip(
+        (("stem", "s1b0_conv2"), ("s2b0_conv2", "s2b0_down")), survivors, strict=True
+    ):
         for n in names:
             assert res.report.survivors[n] == s
             assert res.graph[n].out_split == s
@@ -179,16 +206,18 @@ def test_prune_residual_stream(net2, prune):
     assert res.graph["s2b0_down"].in_split == survivors[0]
     # without growth (allocation = survivors) a reclaimed stream is literally narrower
     keep = lambda graph, surv, r: dict(surv)  # noqa: E731
-    res = nr_jax.rejuvenate(jax.random.key(0), model, variables, None, optax.identity(), graph,
-                            allocation=keep)
+    res = nr_jax.rejuvenate(
+        jax.random.key(0), model, variables, None, optax.identity(), graph, allocation=keep
+    )
     assert res.graph["stem"].out_channels == res.graph["s1b0_conv2"].out_channels == survivors[0]
     assert res.graph["s2b0_down"].out_channels == res.graph["s2b0_conv2"].out_channels
     assert res.graph.classifier.in_channels == survivors[1]
     if prune:  # the narrowed network computes the survivors' function
         live = host_liveness(variables, graph)
         reference = apply(two_block_net(False), zero_dead(variables, live), X2)
-        chex.assert_trees_all_close(apply(res.model, res.variables, X2)[:, 0], reference,
-                                    atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(
+            apply(res.model, res.variables, X2)[:, 0], reference, atol=1e-5, rtol=1e-5
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,9 +245,11 @@ def test_tiny_invariants(tiny_rejuvenated):
     prune, variables, graph, tx, state, live, res = tiny_rejuvenated
     new_params = res.variables["params"]
     chex.assert_trees_all_equal_shapes_and_dtypes(
-        res.variables, jax.eval_shape(lambda: res.model.init(jax.random.key(0), XV)))
-    chex.assert_trees_all_equal_shapes_and_dtypes(res.opt_state,
-                                                  jax.eval_shape(tx.init, new_params))
+        res.variables, jax.eval_shape(lambda: res.model.init(jax.random.key(0), XV))
+    )
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        res.opt_state, jax.eval_shape(tx.init, new_params)
+    )
     chex.assert_tree_all_finite(res.variables)
     chex.assert_tree_all_finite(res.opt_state)
     # residual ties survive, with one width and one split point per stream
@@ -246,8 +277,12 @@ def test_tiny_invariants(tiny_rejuvenated):
         new_k = np.asarray(new_params[u.name]["kernel"])
         np.testing.assert_array_equal(new_k[:, :, :li, :lo], old_k[:, :, keep_in][..., keep_out])
         assert not np.any(new_k[:, :, li:, :lo])
-        for coll, leaf, fill in (("params", "scale", 0.5), ("params", "bias", 0.0),
-                                 ("batch_stats", "mean", 0.0), ("batch_stats", "var", 1.0)):
+        for coll, leaf, fill in (
+            ("params", "scale", 0.5),
+            ("params", "bias", 0.0),
+            ("batch_stats", "mean", 0.0),
+            ("batch_stats", "var", 1.0),
+        ):
             old = np.asarray(variables[coll][u.name]["bn"][leaf])
             new = np.asarray(res.variables[coll][u.name]["bn"][leaf])
             np.testing.assert_array_equal(new[:lo], old[keep_out])
@@ -257,8 +292,10 @@ def test_tiny_invariants(tiny_rejuvenated):
         np.testing.assert_array_equal(new[:, :, :li, :lo], old[:, :, keep_in][..., keep_out])
         assert not np.any(new[:, :, li:]) and not np.any(new[:, :, :, lo:])
     keep_in = np.flatnonzero(live.inp["head"])
-    np.testing.assert_array_equal(np.asarray(new_params["head"]["kernel"])[:len(keep_in)],
-                                  np.asarray(variables["params"]["head"]["kernel"])[keep_in])
+    np.testing.assert_array_equal(
+        np.asarray(new_params["head"]["kernel"])[: len(keep_in)],
+        np.asarray(variables["params"]["head"]["kernel"])[keep_in],
+    )
 
 
 def _plan_out(live, graph, name):
@@ -304,8 +341,8 @@ def test_dead_branch(tiny_rejuvenated):
 # 6. Effective parameters after rejuvenation at U ~ 0.25 (method.md 5.3)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, prune", [("resnet_tiny_basic", False),
-                                         ("resnet_tiny_cifar", True)])
+
+@pytest.mark.parametrize("name, prune", [("resnet_tiny_basic", False), ("resnet_tiny_cifar", True)])
 def test_tiny_effective_params_at_quarter_utilization(name, prune):
     model = nr_jax.models.get(name, num_classes=10, prune_residual=prune)
     graph = nr_jax.channel_graph(model, XV.shape)
@@ -321,15 +358,19 @@ def test_tiny_effective_params_at_quarter_utilization(name, prune):
 # 7. A few training steps with one rejuvenation
 # ---------------------------------------------------------------------------------------------
 
+
 def synthetic_batch(seed, n=8, hw=28):
     rng = np.random.default_rng(seed)
-    return {"image": jnp.asarray(rng.normal(size=(n, hw, hw, 1)), jnp.float32),
-            "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32),
-            "mask": jnp.ones((n,), jnp.float32)}
+    return {
+        "image": jnp.asarray(rng.normal(size=(n, hw, hw, 1)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+        "mask": jnp.ones((n,), jnp.float32),
+    }
 
 
-@pytest.mark.parametrize("name, prune, steps_before", [("resnet_tiny_basic", True, 2),
-                                                       ("resnet_tiny_cifar", False, 0)])
+@pytest.mark.parametrize(
+    "name, prune, steps_before", [("resnet_tiny_basic", True, 2), ("resnet_tiny_cifar", False, 0)]
+)
 def test_train_with_one_rejuvenation(name, prune, steps_before):
     """Trainer steps, a forced rejuvenation by the controller, steps on the new widths.
 
@@ -353,8 +394,7 @@ def test_train_with_one_rejuvenation(name, prune, steps_before):
         assert float(metrics["utilization"]) == 1.0
     # force the rejuvenation: random dead channels
     variables, _ = random_gammas(state.variables, trainer.graph, seed=3, dead_frac=0.5)
-    state, event = trainer.controller(state.replace(params=variables["params"]),
-                                      jax.random.key(1))
+    state, event = trainer.controller(state.replace(params=variables["params"]), jax.random.key(1))
     assert "rejuvenation" in event and trainer.graph.rejuvenated
     tied = {n for t in trainer.graph.ties for n in t}
     assert all(trainer.graph[n].out_split is not None for n in tied)
@@ -402,8 +442,9 @@ def test_full_size_counts_and_one_train_step(name, classes, hw, params_m, gmacs,
     @jax.jit
     def step(variables, opt_state):
         def loss_fn(p):
-            out, upd = model.apply({**variables, "params": p}, x, train=True,
-                                   mutable=["batch_stats"])
+            out, upd = model.apply(
+                {**variables, "params": p}, x, train=True, mutable=["batch_stats"]
+            )
             return nr_jax.nr_loss(out, labels), upd
 
         (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
@@ -427,8 +468,10 @@ def test_resnet164_effective_params_at_quarter_utilization(classes, expected):
     assert 0.235 <= u <= 0.244
     res = nr_jax.rejuvenate(jax.random.key(0), model, variables, None, optax.identity(), graph)
     after = res.report.counts_after
-    print(f"ResNet-164 C{classes}: U={u:.4f} r={res.report.r:.3f} "
-          f"effective={after.effective:,} allocated={after.total:,}")
+    print(
+        f"ResNet-164 C{classes}: U={u:.4f} r={res.report.r:.3f} "
+        f"effective={after.effective:,} allocated={after.total:,}"
+    )
     assert after.effective == pytest.approx(expected, rel=0.015)
     before = res.report.counts_before.total
     assert 0.98 * before <= after.total <= 1.03 * before

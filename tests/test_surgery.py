@@ -195,6 +195,17 @@ def test_cross_attention_trains_cross_blocks():
         assert np.any(g[:, :, li:, :lo]) and np.any(g[:, :, :li, lo:])
 
 
+def test_four_convolution_attention_computes_the_same():
+    """The official four-convolution cross-attention equals our two-convolution form."""
+    outs = []
+    for scheme in ("attention", "attention4"):
+        model, variables, graph = vgg_setup(seed=2, scheme=scheme)
+        res = nr_jax.rejuvenate(jax.random.key(0), model, variables, None, optax.identity(), graph)
+        params = jax.tree.map(lambda x: x + 0.01, res.variables["params"])  # non-zero cross blocks
+        outs.append(apply(res.model, {**res.variables, "params": params}, XV))
+    chex.assert_trees_all_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
 def test_same_key_same_result_and_purity():
     model, variables, graph = vgg_setup(seed=3)
     tx = sgd_chain(graph)

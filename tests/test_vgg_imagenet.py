@@ -47,15 +47,20 @@ def test_rejuvenation_invariants_and_survivor_path():
     _, upd = apply(model, variables, X, train=True)
     variables = jax.device_get({**variables, **upd})
     live = nr_jax.liveness(variables, graph)
-    tx = optax.chain(nr_jax.l1_bn_scales(graph, 1e-4), optax.add_decayed_weights(1e-4),
-                     optax.sgd(0.1, momentum=0.9))
+    tx = optax.chain(
+        nr_jax.l1_bn_scales(graph, 1e-4),
+        optax.add_decayed_weights(1e-4),
+        optax.sgd(0.1, momentum=0.9),
+    )
     rng = np.random.default_rng(0)
     state = jax.tree.map(
         lambda s: rng.standard_normal(np.shape(s)).astype(s.dtype) if np.ndim(s) else s,
-        tx.init(variables["params"]))
+        tx.init(variables["params"]),
+    )
     res = nr_jax.rejuvenate(key(1), model, variables, state, tx, graph)
     chex.assert_trees_all_equal_shapes_and_dtypes(
-        res.variables, jax.eval_shape(lambda: init(res.model, key(0), X)))
+        res.variables, jax.eval_shape(lambda: init(res.model, key(0), X))
+    )
     chex.assert_trees_all_equal_shapes_and_dtypes(res.opt_state, tx.init(res.variables["params"]))
     chex.assert_tree_all_finite(res.variables)
     chex.assert_tree_all_finite(res.opt_state)
@@ -85,21 +90,27 @@ def test_train_steps_with_one_rejuvenation():
     rng = np.random.default_rng(0)
 
     def batch():
-        return {"image": jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
-                "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
-                "mask": jnp.ones((8,), jnp.float32)}
+        return {
+            "image": jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
+            "mask": jnp.ones((8,), jnp.float32),
+        }
 
     for _ in range(2):
         state, metrics = trainer.steps.train(state, batch())
     assert 0 < float(metrics["utilization"]) <= 1
     variables, _ = random_gammas(jax.device_get(state.variables), trainer.graph, 1)
     state = state.replace(params=variables["params"])
-    res = nr_jax.rejuvenate(key(1), trainer.model, state.variables, state.opt_state, trainer.tx,
-                            trainer.graph)
+    res = nr_jax.rejuvenate(
+        key(1), trainer.model, state.variables, state.opt_state, trainer.tx, trainer.graph
+    )
     trainer.set_widths(res.model.widths)
-    state = state.replace(params=res.variables["params"], batch_stats=res.variables["batch_stats"],
-                          masks=res.variables[nr_jax.MASKS],
-                          opt_state=nr_jax.set_lambda(res.opt_state, 0.0))
+    state = state.replace(
+        params=res.variables["params"],
+        batch_stats=res.variables["batch_stats"],
+        masks=res.variables[nr_jax.MASKS],
+        opt_state=nr_jax.set_lambda(res.opt_state, 0.0),
+    )
     for _ in range(2):
         state, metrics = trainer.steps.train(state, batch())
     assert trainer.counter == {"train": 2}
@@ -122,8 +133,9 @@ def test_full_size_vgg16_imagenet():
     @jax.jit
     def step(variables):
         def loss_fn(params):
-            out, upd = model.apply({**variables, "params": params}, x, train=True,
-                                   mutable=["batch_stats"])
+            out, upd = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
             return nr_jax.nr_loss(out, labels), upd
 
         (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
