@@ -105,7 +105,7 @@ def rounded_allocation(
                 hi = mid
         # then fill the gap greedily, one granule at a time (a residual tie moves together)
         tied = {n: tie for tie in graph.ties for n in tie}
-        groups = {tied.get(n, frozenset([n])) for n in best}
+        groups = sorted({tied.get(n, frozenset([n])) for n in best}, key=sorted)  # deterministic
         while cost(best) < (1 - tolerance) * budget:
             options = []
             for group in groups:
@@ -114,7 +114,7 @@ def rounded_allocation(
                     options.append((abs(c - budget), sorted(group)[0], trial))
             if not options and len(groups) <= 48:  # grow one group, shrink another
                 for up in groups:
-                    for down in groups - {up}:
+                    for down in (g for g in groups if g != up):
                         trial = {**best, **{n: best[n] + granularity for n in up}}
                         trial.update({n: best[n] - granularity for n in down})
                         if any(trial[n] < max(survivors[n], 1) for n in down):
@@ -124,7 +124,7 @@ def rounded_allocation(
                             options.append((abs(c - budget), sorted(up)[0], trial))
             if not options:
                 break
-            best = min(options)[2]
+            best = min(options, key=lambda o: o[:2])[2]
         return best
 
     return allocate
