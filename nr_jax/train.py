@@ -35,7 +35,7 @@ from nr_jax.layers import MASKS, WidthSpec
 from nr_jax.liveness import count, liveness, utilization
 from nr_jax.schemes import head_logits, nr_loss
 from nr_jax.sparsity import get_lambda, l1_bn_scales, set_lambda
-from nr_jax.surgery import ALLOCATIONS, rejuvenate
+from nr_jax.surgery import ALLOCATIONS, rejuvenate, rounded_allocation
 
 Mesh = jax.sharding.Mesh
 NamedSharding = jax.sharding.NamedSharding
@@ -347,7 +347,7 @@ class Trainer:
             self.tx,
             self.graph,
             resource=nr.resource,
-            allocation=ALLOCATIONS[allocation_name(self.config)],
+            allocation=_allocation(self.config),
             min_width=nr.min_width,
             new_gamma=nr.new_gamma,
             threshold=nr.threshold,
@@ -404,6 +404,14 @@ def _check_finite(state: TrainState) -> None:
             f"NaN or Inf in the parameters or BN statistics after epoch {int(state.epoch)}; "
             "the last good checkpoint is kept (resume from it with a lower learning rate or λ)."
         )
+
+
+def _allocation(config: ml_collections.ConfigDict) -> Any:
+    """The width rule; rounded rules match the budget in the run's resource (params or flops)."""
+    name = allocation_name(config)
+    if name.startswith("round"):
+        return rounded_allocation(int(name[len("round") :]), resource=config.nr.resource)
+    return ALLOCATIONS[name]
 
 
 def allocation_name(config: ml_collections.ConfigDict) -> str:
