@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 
 from nr_jax.graph import INPUT, ChannelGraph
@@ -64,8 +65,7 @@ def rescale(variables: Any, graph: ChannelGraph, target: float = 0.5) -> dict[st
     if not target > 0:
         raise ValueError(f"rescale: target must be > 0, got {target}")
     host = _to_host(variables)
-    new = {k: v for k, v in host.items()}
-    new = {k: _copy_tree(v) for k, v in new.items()}
+    new = jax.tree.map(lambda x: x, host)  # fresh containers; leaves replaced below
     factors = channel_factors(host, graph, target)
     for u in graph.all_units:
         f_in = _input_factor(u, factors)
@@ -83,9 +83,3 @@ def rescale(variables: Any, graph: ChannelGraph, target: float = 0.5) -> dict[st
             new["params"], u.path + ("bn", "bias"), np.where(up, beta / f, beta).astype(beta.dtype)
         )
     return new
-
-
-def _copy_tree(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _copy_tree(v) for k, v in tree.items()}
-    return tree

@@ -35,7 +35,7 @@ from nr_jax.layers import MASKS, WidthSpec
 from nr_jax.liveness import count, liveness, utilization
 from nr_jax.schemes import head_logits, nr_loss
 from nr_jax.sparsity import get_lambda, l1_bn_scales, set_lambda
-from nr_jax.surgery import ALLOCATIONS, rejuvenate, rounded_allocation
+from nr_jax.surgery import ALLOCATIONS, _get, rejuvenate, rounded_allocation
 
 Mesh = jax.sharding.Mesh
 NamedSharding = jax.sharding.NamedSharding
@@ -249,10 +249,7 @@ def _sticky_masks(masks: Any, dead: dict[str, Any]) -> Any:
     masks = jax.tree.map(lambda x: x, masks)
     for name, is_dead in dead.items():
         if bool(is_dead):
-            node = masks
-            path = name.split("/")
-            for key in path:
-                node = node[key]
+            node = _get(masks, tuple(name.split("/")))
             node["mask"] = jnp.zeros_like(node["mask"])
     return masks
 
@@ -354,7 +351,7 @@ class Trainer:
             dead_threshold=nr.dead_threshold,
         )
         event["gammas"] = {  # for the |γ| histograms of the run's plots
-            u.name.replace("/", "."): np.asarray(_at(host["params"], u.path)["bn"]["scale"])
+            u.name.replace("/", "."): np.asarray(_get(host["params"], u.path)["bn"]["scale"])
             for u in self.graph.units
         }
         self.model, self.graph = res.model, res.graph
@@ -419,12 +416,6 @@ def allocation_name(config: ml_collections.ConfigDict) -> str:
     if config.nr.allocation != "auto":
         return config.nr.allocation
     return "round8" if config.preset == "improved" else "sqrt"
-
-
-def _at(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def _meta(trainer: Trainer, state: TrainState, history: list[dict]) -> dict[str, Any]:
