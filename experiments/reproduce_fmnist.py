@@ -80,7 +80,8 @@ def run_all(out: str) -> list[dict]:
                 short = _run(
                     fmnist_table.baseline_config(arch, seed, 0), f"{out}/{arch}/base_s{seed}"
                 )
-                rows.append({"arch": arch, "seed": seed, **_row("baseline E", short)})
+                if short is not None:
+                    rows.append({"arch": arch, "seed": seed, **_row("baseline E", short)})
             logging.info("%s seed %d: %s", arch, seed, rows[-2:])
     return rows
 
