@@ -66,6 +66,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from nr_jax import faults
+
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "Checkpointer"]
 
 PyTree = Any
@@ -399,6 +401,7 @@ class Checkpointer:
                 _META: ocp.args.JsonSave(meta),
             }
         )
+        faults.watch_save(self._directory, step)  # crash-safety tests only (NR_JAX_FAULT)
         try:
             # force=True: orbax would otherwise silently skip steps <= latest step.
             saved = self._manager.save(step, args=args, force=True)
@@ -410,6 +413,7 @@ class Checkpointer:
             raise CheckpointError(f"orbax declined to save step {step} in {self._directory}")
         self._prune(keep=step)
         self._remove_tmp_dirs(step)
+        faults.point("after_checkpoint")
 
     def _remove_tmp_dirs(self, max_step: int, *, only: bool = False) -> None:
         """Best-effort removal of unfinished-save directories.

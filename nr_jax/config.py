@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.tensorboard = True
     c.plots = True  # PNG plots in the run directory at the end
     c.checkpoint = True
+    c.checkpoint_every_steps = (
+        0  # also checkpoint mid-epoch every this many steps (0 = epochs only)
+    )
     c.keep_checkpoints = 3
     return c
 
@@ -105,9 +108,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 _fail(
                     field, config[field], f"a multiple of the {n} devices (or data_parallel=False)"
                 )
-    for field in ("train_limit", "test_limit"):
+    for field in ("train_limit", "test_limit", "checkpoint_every_steps"):
         if not isinstance(config[field], int) or config[field] < 0:
-            _fail(field, config[field], "an integer >= 0 (0 = all examples)")
+            _fail(field, config[field], "an integer >= 0 (0 = all examples / off)")
     if config.preset not in ("improved", "official"):
         _fail("preset", config.preset, "'improved' or 'official'")
     if config.compute_dtype not in ("float32", "bfloat16"):

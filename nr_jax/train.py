@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from nr_jax import data as nr_data
-from nr_jax import models
+from nr_jax import faults, models
 from nr_jax.checkpoint import Checkpointer, CheckpointError
 from nr_jax.config import validate
 from nr_jax.graph import ChannelGraph, channel_graph
@@ -168,9 +168,11 @@ class Steps:
 def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict]) -> dict[str, float]:
     """Test loss and accuracy (summed logits, and old/new heads after rejuvenation)."""
     totals: dict[str, Any] = {}
-    for batch in batches:
+    for i, batch in enumerate(batches):
         m = steps.eval(state.variables, batch)
         totals = m if not totals else jax.tree.map(jnp.add, totals, m)
+        if i == 0:
+            faults.point("eval")
     totals = jax.device_get(totals)
     n = float(totals["count"])
     out = {"test_loss": float(totals["loss_sum"]) / n}
@@ -183,14 +185,19 @@ def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict]) -> dict[s
 class MetricWriter:
     """Metrics keyed by step to `metrics.jsonl` (and TensorBoard event files when available)."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True) -> None:
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+    def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int = 0) -> None:
+        path = os.path.join(workdir, "metrics.jsonl")
+        _truncate_metrics(path, resume_step)  # drop what a killed run logged after its checkpoint
+        self._file = open(path, "a")  # noqa: SIM115
         self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+                # purge_step hides the events a killed run logged after its last checkpoint
+                self._tb = SummaryWriter(
+                    os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None
+                )
             except ImportError:  # pragma: no cover - optional
                 log.info("tensorboardX not installed: no TensorBoard event files")
 
@@ -207,6 +214,30 @@ class MetricWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keeps the records of `path` up to `step` (atomically): a resumed run logs the rest again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            continue
+    if len(keep) == len(lines):
+        return
+    log.info(
+        "metrics.jsonl: dropping %d records logged after step %d", len(lines) - len(keep), step
+    )
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def _py(v: Any) -> Any:
@@ -418,11 +449,26 @@ def allocation_name(config: ml_collections.ConfigDict) -> str:
     return "round8" if config.preset == "improved" else "sqrt"
 
 
-def _meta(trainer: Trainer, state: TrainState, history: list[dict]) -> dict[str, Any]:
+def _meta(
+    trainer: Trainer,
+    state: TrainState,
+    history: list[dict],
+    position: int = 0,
+    partial: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The JSON half of a checkpoint: widths, NR controller, history and the data position.
+
+    `position` is the number of batches of epoch `state.epoch` already trained (0 at an epoch
+    boundary) and `partial` the running sums of that epoch's train metrics: the data order is a
+    pure function of (seed, epoch), so a run resumes at the very next batch.
+    """
     return {
         "widths": trainer.model.widths.to_json(),
         "epoch": int(state.epoch),
+        "step": int(state.step),
         "phase": int(state.phase),
+        "position": int(position),
+        "partial": dict(partial or {}),
         "nr": {k: v for k, v in trainer.nr.items() if k != "history"},
         "history": history,
     }
@@ -453,10 +499,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.checkpoint
         else None
     )
+    position, partial = 0, {}
     if ckpt is not None and ckpt.latest_step() is not None:
-        state, history = _resume(trainer, ckpt)
+        state, history, position, partial = _resume(trainer, ckpt)
         state = trainer.place(state)
-    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+    writer = MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=int(state.step))
+
+    def save_mid_epoch(state: TrainState, position: int, sums: dict[str, float]) -> None:
+        _check_finite(state)
+        ckpt.save(int(state.step), state, _meta(trainer, state, history, position, sums))
+
     _log_widths(trainer, "start")
     if int(state.phase) == REJUVENATED and config.nr.rescale_target > 0:
         state = trainer.maybe_rescale(state)  # the second step of the two-step flow
@@ -469,8 +521,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         while int(state.epoch) < total_epochs():
             epoch = int(state.epoch)
             state, train_metrics = _train_epoch(
-                trainer, state, data, epoch, steps_per_epoch, writer, total_epochs()
+                trainer,
+                state,
+                data,
+                epoch,
+                steps_per_epoch,
+                writer,
+                total_epochs(),
+                start=position,
+                sums=partial,
+                save=save_mid_epoch if ckpt is not None else None,
             )
+            position, partial = 0, {}
             test_metrics = evaluate(
                 trainer.steps,
                 state,
@@ -489,6 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 record["epoch_utilization"] = event["utilization"]
                 record["lambda_next"] = event["lam"]
             if "rejuvenation" in event:
+                faults.point("after_rejuvenation")
                 report = event["rejuvenation"]
                 log.info("%s", report.summary())
                 _log_widths(trainer, "after rejuvenation")
@@ -500,7 +563,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.write(int(state.step), {f"epoch/{k}": v for k, v in record.items()})
             log.info("epoch %d: %s", epoch + 1, _fmt(record))
             if ckpt is not None:
-                ckpt.save(int(state.epoch), state, _meta(trainer, state, history))
+                ckpt.save(int(state.step), state, _meta(trainer, state, history))
             if "rejuvenation" in event and config.nr.compress_only:
                 log.info("compress-only: stopping after rejuvenation (resume to continue)")
                 break
@@ -508,6 +571,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
         if ckpt is not None:
             ckpt.close()
+    faults.point("end")
     summary = _summary(trainer, state, history, report, time.time() - t_start)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -556,7 +620,8 @@ class RunData:
         )
         self.num_train = len(self.train[0])
 
-    def train_batches(self, epoch: int) -> Iterator[dict]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """Epoch `epoch` from its batch `start` on (a pure function of seed and epoch)."""
         c = self.config
         if isinstance(self.train, _Limited):
             return nr_data.train_batches_from_source(
@@ -566,9 +631,16 @@ class RunData:
                 epoch=epoch,
                 info=self.info,
                 augment=c.augment,
+                start_batch=start,
             )
         return nr_data.train_batches(
-            *self.train, c.batch_size, seed=c.seed, epoch=epoch, augment=c.augment, info=self.info
+            *self.train,
+            c.batch_size,
+            seed=c.seed,
+            epoch=epoch,
+            augment=c.augment,
+            info=self.info,
+            start_batch=start,
         )
 
     def test_batches(self) -> Iterator[dict]:
@@ -586,16 +658,28 @@ def _train_epoch(
     steps_per_epoch: int,
     writer: MetricWriter,
     total: int,
+    start: int = 0,
+    sums: dict[str, float] | None = None,
+    save: Any = None,
 ) -> tuple[TrainState, dict]:
+    """One epoch from batch `start` on (`sums`: the metric sums of the batches before it).
+
+    With `save` and `config.checkpoint_every_steps`, `save(state, position, sums)` writes a
+    mid-epoch checkpoint every that many steps (the logging window is flushed first).
+    """
     config = trainer.config
-    batches = nr_data.prefetch(data.train_batches(epoch))
+    every = config.checkpoint_every_steps if save is not None else 0
+    batches = nr_data.prefetch(data.train_batches(epoch, start))
     bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{total}", config.progress)
-    sums: dict[str, Any] = {}
+    if bar is not None and start:
+        bar.update(start)
+    sums = dict(sums or {})
     window: list[dict] = []
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(batches, start):
         state, metrics = trainer.steps.train(state, batch)
         window.append(metrics)
-        if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch:
+        checkpoint_now = every and (i + 1) % every == 0 and i + 1 < steps_per_epoch
+        if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch or checkpoint_now:
             host = jax.device_get(window)
             mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
             if not np.isfinite(mean["loss"]):
@@ -615,6 +699,9 @@ def _train_epoch(
                 )
                 bar.update(len(window))
             window = []
+        if checkpoint_now:
+            save(state, i + 1, sums)
+        faults.point("train_step")
     if bar is not None:
         bar.close()
     return state, {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
@@ -628,7 +715,9 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list]:
+def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list, int, dict]:
+    """The newest good checkpoint: state, history, data position and partial epoch sums."""
+
     def abstract(meta: dict) -> Any:
         widths = WidthSpec.from_json(meta["widths"])
         if widths != trainer.model.widths:
@@ -649,8 +738,15 @@ def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list]:
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume from {ckpt}: {e}") from e
     trainer.nr.update(meta["nr"])
-    log.info("resumed from checkpoint at epoch %d (phase %s)", step, PHASE_NAMES[meta["phase"]])
-    return restored, list(meta["history"])
+    position = int(meta.get("position", 0))
+    log.info(
+        "resumed from the checkpoint of step %d: epoch %d, batch %d, phase %s",
+        step,
+        meta["epoch"] + 1,
+        position,
+        PHASE_NAMES[meta["phase"]],
+    )
+    return restored, list(meta["history"]), position, dict(meta.get("partial", {}))
 
 
 def _log_widths(trainer: Trainer, when: str) -> None:

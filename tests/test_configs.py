@@ -39,6 +39,7 @@ BAD = [
     ("lr_gamma", 0.0, "config.lr_gamma"),
     ("lr_milestones", (5, 3), "config.lr_milestones"),
     ("train_limit", -1, "config.train_limit"),
+    ("checkpoint_every_steps", -8, "config.checkpoint_every_steps"),
     ("nr.target", 1.0, "config.nr.target"),
     ("nr.target", 0.0, "config.nr.target"),
     ("nr.lam", -1e-4, "config.nr.lam"),

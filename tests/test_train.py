@@ -196,7 +196,7 @@ def test_two_step_flow_and_official_preset(tmp_path):
     from nr_jax.checkpoint import Checkpointer
 
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
-        state, _ = train._resume(trainer, ckpt)
+        state, *_ = train._resume(trainer, ckpt)
     assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state)[1:])
     s2 = train.train_and_evaluate(step2, str(tmp_path))
     assert s2["epochs_run"] == step2.epochs + s1["search_epochs"]

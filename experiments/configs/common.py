@@ -64,5 +64,6 @@ def imagenet(model: str, variant: str, **nr) -> ml_collections.ConfigDict:
     c.nr.scheme = "attention"
     c.nr.rescale_target = 0.5  # README: --nr-bn-target 0.5 when resuming the compressed model
     c.nr.max_search_epochs = 100
+    c.checkpoint_every_steps = 2000  # an epoch is 10,009 steps: a crash costs minutes, not hours
     c.nr.update(nr)
     return _variant(c, variant)
