@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 params and BN statistics)
     c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off)
     c.data_parallel = True  # shard the batch over all devices (jax.sharding Mesh), state replicated
+    c.distributed = False  # multi-host: jax.distributed.initialize() first (env: coordinator, ids)
     c.log_every_steps = 50
     c.progress = True  # progress bar
     c.tensorboard = True

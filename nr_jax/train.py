@@ -116,6 +116,7 @@ class Steps:
     ) -> None:
         self.model, self.tx, self.graph, self.config = model, tx, graph, config
         self.counter = counter
+        self.data_sharding = None if mesh is None else NamedSharding(mesh, P("data"))
         if mesh is None:
             self.train = jax.jit(self._train, donate_argnums=0)
             self.eval = jax.jit(self._eval)
@@ -125,6 +126,25 @@ class Steps:
                 self._train, donate_argnums=0, in_shardings=(rep, data), out_shardings=(rep, rep)
             )
             self.eval = jax.jit(self._eval, in_shardings=(rep, data), out_shardings=rep)
+
+    def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """This process's rows of the global batch -> one array sharded over the mesh.
+
+        Every process yields the same global batch (the order is a pure function of seed and
+        epoch) and contributes its contiguous slice of it, so the same code runs on one host
+        or many (`config.distributed`). Without a mesh the batch is returned as it is.
+        """
+        if self.data_sharding is None:
+            return batch
+        n, i = jax.process_count(), jax.process_index()
+
+        def local(x: np.ndarray) -> jax.Array:
+            rows = x.shape[0] // n
+            return jax.make_array_from_process_local_data(
+                self.data_sharding, np.asarray(x[i * rows : (i + 1) * rows]), x.shape
+            )
+
+        return {k: local(v) for k, v in batch.items()}
 
     def _train(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         self.counter["train"] = self.counter.get("train", 0) + 1
@@ -169,7 +189,7 @@ def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict]) -> dict[s
     """Test loss and accuracy (summed logits, and old/new heads after rejuvenation)."""
     totals: dict[str, Any] = {}
     for i, batch in enumerate(batches):
-        m = steps.eval(state.variables, batch)
+        m = steps.eval(state.variables, steps.global_batch(batch))
         totals = m if not totals else jax.tree.map(jnp.add, totals, m)
         if i == 0:
             faults.point("eval")
@@ -183,13 +203,18 @@ def evaluate(steps: Steps, state: TrainState, batches: Iterator[dict]) -> dict[s
 
 
 class MetricWriter:
-    """Metrics keyed by step to `metrics.jsonl` (and TensorBoard event files when available)."""
+    """Metrics keyed by step to `metrics.jsonl` (and TensorBoard event files when available).
+
+    Only process 0 writes (multi-host runs); the others' writers do nothing.
+    """
 
     def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int = 0) -> None:
+        self._file = self._tb = None
+        if jax.process_index() != 0:
+            return
         path = os.path.join(workdir, "metrics.jsonl")
         _truncate_metrics(path, resume_step)  # drop what a killed run logged after its checkpoint
         self._file = open(path, "a")  # noqa: SIM115
-        self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -202,6 +227,8 @@ class MetricWriter:
                 log.info("tensorboardX not installed: no TensorBoard event files")
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         record = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -211,7 +238,8 @@ class MetricWriter:
                     self._tb.add_scalar(key, value, int(step))
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -474,13 +502,23 @@ def _meta(
     }
 
 
+def _distributed_ready() -> bool:
+    try:
+        return jax.distributed.is_initialized()
+    except AttributeError:  # pragma: no cover - older jax
+        return False
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config.model` on `config.dataset` with Neural Rejuvenation; returns a summary.
 
     Writes into `workdir`: `metrics.jsonl`, TensorBoard events (`tb/`), checkpoints
     (`checkpoints/`, resumed automatically), `rejuvenation.json` and `summary.json`.
     """
+    if config.distributed and not _distributed_ready():
+        jax.distributed.initialize()  # coordinator, process count and id from the environment
     validate(config)
+    primary = jax.process_index() == 0  # writes the run's files (checkpoints: every process)
     os.makedirs(workdir, exist_ok=True)
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
@@ -555,10 +593,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 report = event["rejuvenation"]
                 log.info("%s", report.summary())
                 _log_widths(trainer, "after rejuvenation")
-                with open(os.path.join(workdir, "rejuvenation.json"), "w") as f:
-                    json.dump({"epoch": epoch + 1, **report.as_dict()}, f, indent=1)
                 record["rejuvenated"] = True
-                np.savez(os.path.join(workdir, "gammas_at_rejuvenation.npz"), **event["gammas"])
+                if primary:
+                    with open(os.path.join(workdir, "rejuvenation.json"), "w") as f:
+                        json.dump({"epoch": epoch + 1, **report.as_dict()}, f, indent=1)
+                    np.savez(os.path.join(workdir, "gammas_at_rejuvenation.npz"), **event["gammas"])
             history.append(record)
             writer.write(int(state.step), {f"epoch/{k}": v for k, v in record.items()})
             log.info("epoch %d: %s", epoch + 1, _fmt(record))
@@ -573,6 +612,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt.close()
     faults.point("end")
     summary = _summary(trainer, state, history, report, time.time() - t_start)
+    if not primary:
+        return summary
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if config.plots:
@@ -676,7 +717,7 @@ def _train_epoch(
     sums = dict(sums or {})
     window: list[dict] = []
     for i, batch in enumerate(batches, start):
-        state, metrics = trainer.steps.train(state, batch)
+        state, metrics = trainer.steps.train(state, trainer.steps.global_batch(batch))
         window.append(metrics)
         checkpoint_now = every and (i + 1) % every == 0 and i + 1 < steps_per_epoch
         if (i + 1) % config.log_every_steps == 0 or i + 1 == steps_per_epoch or checkpoint_now:

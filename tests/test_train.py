@@ -217,7 +217,10 @@ def test_data_parallel_equals_one_device():
             train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
         )
         for i in range(3):
-            state, metrics = trainer.steps.train(state, synthetic_batch(i))
+            batch = trainer.steps.global_batch(synthetic_batch(i))
+            if dp:  # this process's rows, assembled into one array over the 4 devices
+                assert len(batch["image"].sharding.device_set) == 4
+            state, metrics = trainer.steps.train(state, batch)
         if dp:
             assert len(state.params["conv0"]["kernel"].sharding.device_set) == 4
         results[dp] = (jax.device_get(state.params), jax.device_get(metrics))
