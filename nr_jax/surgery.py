@@ -5,7 +5,8 @@ by one global factor r = sqrt(all / live) so the resource budget is restored, re
 new channels and returns a new model (same class, new static widths), new variables, a new
 optimiser state (survivors' moments carried over, new slots zero, counters kept), the new graph
 and a report. Nothing is mutated. New weights are drawn on the host with numpy, seeded from `key`,
-so the function is deterministic and costs no compilation.
+so the function is deterministic and costs no compilation. The new arrays are built in a few
+host buffers that jax then uses without copying them (on CPU).
 
 Layout after rejuvenation: every channel axis is [survivors (original order), new]; for a unit
 whose input is a concatenation, [survivors of every input, new channels of every input].
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax
@@ -138,13 +139,35 @@ ALLOCATIONS: dict[str, Allocation] = {
 }
 
 
+_ALIGN = 64  # bytes: on CPU, jax.device_put aliases (does not copy) a host array aligned so
+
+
+def _allocate(specs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
+    """Zero arrays, `_ALIGN`-aligned views of one new buffer.
+
+    One large buffer is much faster to fill than many fresh ones: numpy asks the kernel for huge
+    pages from 4 MiB on, so there are far fewer page faults. A large buffer comes zeroed from the
+    kernel, so writing the zeros again is skipped.
+    """
+    nbytes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
+    offsets = np.cumsum([0] + [-(-n // _ALIGN) * _ALIGN for n in nbytes]).tolist()
+    buf = np.zeros(offsets[-1] + _ALIGN, np.uint8)
+    buf = buf[-buf.__array_interface__["data"][0] % _ALIGN :]
+    return [
+        buf[start : start + n].view(dtype).reshape(shape)
+        for (shape, dtype), n, start in zip(specs, nbytes, offsets[:-1], strict=True)
+    ]
+
+
 class AxisPlan:
     """New size of one axis and the old indices of its survivors (placed at [0, len(src)))."""
 
-    __slots__ = ("size", "src")
+    __slots__ = ("size", "src", "prefix")
 
     def __init__(self, size: int, src: np.ndarray) -> None:
         self.size, self.src = size, src
+        n = len(src)  # a prefix 0..n-1 is a slice, no gather (the cheap test first)
+        self.prefix = n == 0 or (int(src[-1]) == n - 1 and np.array_equal(src, np.arange(n)))
 
 
 class LeafPlan:
@@ -158,15 +181,89 @@ class LeafPlan:
     def shape(self, old_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(old_shape[i] if a is None else a.size for i, a in enumerate(self.axes))
 
-    def gather(self, old: np.ndarray, fill: np.ndarray) -> np.ndarray:
-        """`fill` (new shape) with the survivors of `old` copied to their new place."""
-        index = [
-            np.arange(n) if a is None else a.src for n, a in zip(old.shape, self.axes, strict=True)
-        ]
-        dst = tuple(slice(None) if a is None else slice(0, len(a.src)) for a in self.axes)
-        out = np.array(fill, dtype=old.dtype, copy=True)
-        out[dst] = old[np.ix_(*index)]
-        return out
+    def gather(self, old: np.ndarray, fill: float, out: np.ndarray) -> None:
+        """Writes `old`'s survivors at their new place in `out`, `fill` elsewhere.
+
+        `out` has the new shape and holds zeros (`_allocate`), so a zero fill is not written.
+        """
+        if len(self.axes) == 1 and self.axes[0] is not None:  # a vector: the common, small case
+            a = self.axes[0]
+            n = len(a.src)
+            if a.prefix:
+                out[:n] = old[:n]
+            else:
+                np.take(old, a.src, out=out[:n], mode="clip")  # "clip": no bounds-check buffer
+            if fill != 0:
+                out[n:] = fill
+            return
+        block, head = old, ()
+        for i, a in enumerate(self.axes):
+            if a is None:
+                head += (slice(None),)
+                continue
+            n = len(a.src)
+            if not a.prefix:  # one np.take per axis: several times faster than np.ix_ indexing
+                block = block.take(a.src, axis=i)
+            elif n < old.shape[i]:
+                block = block[head + (slice(0, n),)]
+            if n < a.size and fill != 0:  # the complement of the survivors, disjoint boxes
+                out[head + (slice(n, None),)] = fill
+            head += (slice(0, n),)
+        out[head] = block
+
+
+class _Gather:
+    """A new leaf to be made: `old`'s survivors by `plan`, `fill` elsewhere, `values` at `at`.
+
+    `run` writes it into a zero array of its shape and dtype (`_make`).
+    """
+
+    __slots__ = ("old", "plan", "fill", "at", "values", "shape", "dtype")
+
+    def __init__(self, old: np.ndarray, plan: LeafPlan, fill: float) -> None:
+        self.old, self.plan, self.fill = old, plan, fill
+        self.at: tuple[slice, ...] = ()
+        self.values: np.ndarray | None = None
+        self.shape, self.dtype = plan.shape(old.shape), old.dtype
+
+    def run(self, out: np.ndarray) -> None:
+        self.plan.gather(self.old, self.fill, out)
+        if self.values is not None:
+            out[self.at] = self.values
+
+
+class _Full:
+    """A new leaf to be made: `shape` filled with `value`."""
+
+    __slots__ = ("shape", "dtype", "value")
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, value: float) -> None:
+        self.shape, self.dtype, self.value = shape, np.dtype(dtype), value
+
+    def run(self, out: np.ndarray) -> None:
+        if self.value != 0:
+            out[...] = self.value
+
+
+def _is_job(x: Any) -> bool:
+    return isinstance(x, (_Gather, _Full))
+
+
+def _make(jobs: Sequence[_Gather | _Full], groups: Sequence[Any]) -> list[jax.Array]:
+    """Runs the jobs into new host arrays and hands those to jax without copying them.
+
+    The jobs of one group (one collection of the variables, or the optimiser state) share one
+    buffer, released when all of its arrays are.
+    """
+    outs: list[Any] = [None] * len(jobs)
+    for group in dict.fromkeys(groups):
+        index = [i for i, g in enumerate(groups) if g == group]
+        specs = [(jobs[i].shape, jobs[i].dtype) for i in index]
+        for i, x in zip(index, _allocate(specs), strict=True):
+            outs[i] = x
+    for job, out in zip(jobs, outs, strict=True):
+        job.run(out)
+    return list(jax.device_put(outs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,9 +479,9 @@ def rejuvenate(
                 "(its units must take their widths from `self.widths` via nr_jax.layers)"
             )
         _check_shapes(new_vars, traced.variable_shapes)
-    new_state = None
+    state = None
     if opt_state is not None:
-        new_state = _new_opt_state(tx, opt_state, host["params"], new_vars["params"], leaf_plans)
+        state = _new_opt_state(tx, opt_state, host["params"], new_vars["params"], leaf_plans)
     report = RejuvenationReport(
         resource=resource,
         utilization=float(util.ratio),
@@ -396,7 +493,27 @@ def rejuvenate(
         counts_before=count(graph),
         counts_after=count(new_graph),
     )
-    new_vars = jax.tree.map(jnp.asarray, new_vars)
+    # every new array is made here at once, the variables' (one buffer per collection) and
+    # the optimiser state's (one buffer)
+    var_paths, var_def = jax.tree_util.tree_flatten_with_path(new_vars)
+    var_leaves = [x for _, x in var_paths]
+    state_leaves, state_def, fresh = state if state is not None else ([], None, [])
+    jobs = [x for x in var_leaves + state_leaves if _is_job(x)]
+    groups = [path[0].key for path, x in var_paths if _is_job(x)]
+    groups += [None] * (len(jobs) - len(groups))
+    made = iter(_make(jobs, groups))
+    # leaves taken over unchanged are copied, as the caller may still own them
+    new_vars = jax.tree.unflatten(
+        var_def, [next(made) if _is_job(x) else jnp.asarray(x) for x in var_leaves]
+    )
+    new_state = None
+    if state is not None:
+        state_leaves = [next(made) if _is_job(x) else x for x in state_leaves]
+        if fresh:  # only then pay for a real initialisation
+            real = jax.tree.leaves(tx.init(new_vars["params"]))
+            for i in fresh:
+                state_leaves[i] = real[i]
+        new_state = jax.tree.unflatten(state_def, state_leaves)
     return Rejuvenation(new_model, new_vars, new_state, new_graph, report)
 
 
@@ -459,32 +576,43 @@ def _new_variables(
     rng: np.random.Generator,
     new_gamma: float,
 ) -> tuple[dict, dict]:
-    """New variables and the LeafPlan of every parameter leaf (by path)."""
+    """The new variables as jobs (`_make` runs them) and the LeafPlan of every parameter leaf.
+
+    Only the weights that stay random are drawn, unit by unit in graph order (one key, one
+    result): a conv's new inputs -> new outputs (all inputs -> new outputs when it has no new
+    inputs), He normal with the new fan-out; the classifier's new inputs, N(0, 0.01).
+    """
     new = jax.tree.map(lambda x: x, host)  # a fresh container tree; leaves replaced below
     leaf_plans: dict[tuple[str, ...], LeafPlan] = {}
     for u in graph.all_units:
         p = plans[u.name]
         ax_in = AxisPlan(p.d_in, p.in_src)
+        l_in = len(p.in_src)
+        path = u.path + ("kernel",)
+        kernel = np.asarray(_get(host["params"], path))
         if u.kind == "classifier":
-            kernel = _get(host["params"], u.path + ("kernel",))
-            plan = LeafPlan((ax_in, None))
-            fill = rng.standard_normal(plan.shape(kernel.shape), dtype=np.float32) * 0.01
-            _set(new["params"], u.path + ("kernel",), plan.gather(kernel, fill))
-            leaf_plans[u.path + ("kernel",)] = plan
+            leaf_plans[path] = plan = LeafPlan((ax_in, None))
+            job = _Gather(kernel, plan, 0.0)
+            if l_in < p.d_in:
+                job.at = (slice(l_in, None),)
+                job.values = rng.standard_normal((p.d_in - l_in, job.shape[1]), dtype=np.float32)
+                job.values *= np.float32(0.01)
+            _set(new["params"], path, job)
             continue
         ax_out = AxisPlan(p.d_out, p.out_src)
-        kernel = _get(host["params"], u.path + ("kernel",))
-        plan = LeafPlan((None, None, ax_in, ax_out))
-        shape = plan.shape(kernel.shape)
-        std = math.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))  # He fan-out, new width
-        fill = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-        w = plan.gather(kernel, fill)
-        l_in, l_out = len(p.in_src), len(p.out_src)
-        w[:, :, l_in:, :l_out] = 0  # new inputs -> old outputs: survivors stay exact
-        if l_in < p.d_in:
-            w[:, :, :l_in, l_out:] = 0  # old inputs -> new outputs (removed cross connection)
-        _set(new["params"], u.path + ("kernel",), w)
-        leaf_plans[u.path + ("kernel",)] = plan
+        leaf_plans[path] = plan = LeafPlan((None, None, ax_in, ax_out))
+        # survivors copied; new inputs -> old outputs zero (survivors stay exact); old inputs ->
+        # new outputs zero when the unit has new inputs (the removed cross connection)
+        job = _Gather(kernel, plan, 0.0)
+        kh, kw, d_in, d_out = job.shape
+        l_out = len(p.out_src)
+        if l_out < d_out:
+            first = l_in if l_in < d_in else 0
+            job.at = (slice(None), slice(None), slice(first, None), slice(l_out, None))
+            std = math.sqrt(2.0 / (kh * kw * d_out))  # He, fan-out of the new width
+            job.values = rng.standard_normal((kh, kw, d_in - first, d_out - l_out), np.float32)
+            job.values *= np.float32(std)
+        _set(new["params"], path, job)
         vec = LeafPlan((ax_out,))
         for coll, leaf, value in (
             ("params", "scale", new_gamma),
@@ -492,13 +620,16 @@ def _new_variables(
             ("batch_stats", "mean", 0.0),
             ("batch_stats", "var", 1.0),
         ):
-            old = _get(host[coll], u.path + ("bn", leaf))
-            _set(new[coll], u.path + ("bn", leaf), vec.gather(old, np.full(p.d_out, value)))
+            path = u.path + ("bn", leaf)
+            _set(new[coll], path, _Gather(np.asarray(_get(host[coll], path)), vec, value))
             if coll == "params":
-                leaf_plans[u.path + ("bn", leaf)] = vec
+                leaf_plans[path] = vec
         if MASKS in host:
-            mask = np.zeros(p.d_out, np.float32) if p.dead else np.ones(p.d_out, np.float32)
-            _set(new[MASKS], u.path + ("mask",), mask)
+            _set(
+                new[MASKS],
+                u.path + ("mask",),
+                _Full((p.d_out,), np.float32, 0.0 if p.dead else 1.0),
+            )
     return new, leaf_plans
 
 
@@ -533,8 +664,13 @@ def _new_opt_state(
     old_params: dict,
     new_params: dict,
     leaf_plans: Mapping[tuple[str, ...], LeafPlan],
-) -> Any:
-    """Optimiser state for the new params: survivors' slots carried, new slots zero."""
+) -> tuple[list[Any], Any, list[int]]:
+    """Optimiser state for the new params: survivors' slots carried, new slots zero.
+
+    `new_params` may hold jobs (anything with `shape` and `dtype`). Returns the new state's
+    leaves (jobs for the slots that follow their parameter's plan), its treedef, and the
+    indices of the leaves that must take `tx.init(new_params)`'s value.
+    """
 
     def is_masked(x: Any) -> bool:
         return isinstance(x, optax.MaskedNode)
@@ -546,7 +682,12 @@ def _new_opt_state(
     ]
     slots = jax.tree.unflatten(jax.tree.structure(old_params), plan_leaves)
     shapes = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), new_params
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype)
+            if _is_job(x)
+            else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+        ),
+        new_params,
     )
     template = jax.eval_shape(tx.init, shapes)  # no arrays allocated, nothing compiled
     labels = optax.tree_map_params(
@@ -572,17 +713,16 @@ def _new_opt_state(
         old_shape = tuple(np.shape(old))
         if label is _NON_PARAM:
             keep = old_shape == tuple(init.shape)  # counters and λ are kept
-        elif label.plan is None or old_shape != label.old_shape:
+        elif (
+            label.plan is None
+            or old_shape != label.old_shape
+            or label.plan.shape(old_shape) != tuple(init.shape)
+        ):
             keep = old_shape == tuple(init.shape) and label.plan is None  # else factored stats
         else:
-            zeros = np.zeros(init.shape, np.asarray(old).dtype)
-            out.append(jnp.asarray(label.plan.gather(np.asarray(old), zeros)))
+            out.append(_Gather(np.asarray(old), label.plan, 0))
             continue
         if not keep:
             fresh.append(len(out))
         out.append(old)
-    if fresh:  # only then pay for a real initialisation
-        real = jax.tree.leaves(tx.init(jax.tree.map(jnp.asarray, new_params)))
-        for i in fresh:
-            out[i] = real[i]
-    return jax.tree.unflatten(treedef, out)
+    return out, treedef, fresh
