@@ -58,16 +58,29 @@ def integer_allocation(
 
 
 def allocated_resource(
-    graph: ChannelGraph, widths: Mapping[str, int], resource: str = "params"
-) -> int:
-    """Conv weights (or MACs) of the network `graph` with output widths `widths`."""
-    total = 0
+    graph: ChannelGraph, widths: Mapping[str, Any], resource: str = "params"
+) -> Any:
+    """Conv weights (or MACs) of the network `graph` with output widths `widths`.
+
+    Works on a rejuvenated graph too (a concatenation then lists a producer twice, survivors and
+    new channels: it is counted once per use). Widths may be numpy arrays (broadcast together),
+    which evaluates many candidate allocations at once.
+    """
+    total: Any = 0
     for u in graph.units:
-        d_in = 0
+        d_in: Any = 0
+        uses: dict[str, int] = {}  # channels read from each producer, over all its segments
         for producers, start, stop in u.inputs:
-            d_in += stop - start if INPUT in producers else widths[sorted(producers)[0]]
+            if INPUT in producers:
+                d_in += stop - start
+            else:
+                p = sorted(producers)[0]
+                uses[p] = uses.get(p, 0) + stop - start
+        for p, n in uses.items():
+            full = graph[p].out_channels
+            d_in = d_in + (widths[p] * (n // full) if n % full == 0 else widths[p] * n / full)
         w = u.kernel[0] * u.kernel[1] * d_in * widths[u.name]
-        total += w * (u.out_hw[0] * u.out_hw[1] if resource == "flops" else 1)
+        total = total + w * (u.out_hw[0] * u.out_hw[1] if resource == "flops" else 1)
     return total
 
 
@@ -76,24 +89,29 @@ def rounded_allocation(
 ) -> Allocation:
     """Hardware-aware widths: every total width a multiple of `granularity`, budget kept.
 
-    The survivor group keeps its L channels; only the new group is sized so that the unit's
-    total width is a multiple of `granularity` (at least L). The largest uniform expansion factor
-    that fits the pre-rejuvenation budget is found by bisection, then single units (a residual
-    tie as one) grow by one granule at a time until the allocated resource is within
-    `tolerance` of the budget (on either side), where the granularity allows it.
+    The survivor group keeps its L channels; only the new group is sized, so that the unit's
+    total width is a multiple of `granularity`, or exactly L where no new channel fits (L itself
+    need not be a multiple). The largest uniform expansion factor that fits the pre-rejuvenation
+    budget is found by bisection; then single units (a residual tie as one) move one allowed
+    width at a time until the allocated resource is within `tolerance` of the budget. Where that
+    greedy search stalls (small networks, where one granule is a large share of the budget) and
+    the candidate grid is small, every combination is evaluated at once and the one within
+    tolerance closest to the uniform start is taken.
     """
     if granularity < 1:
         raise ValueError(f"granularity must be >= 1, got {granularity}")
+    g = granularity
 
     def widths_at(survivors: Mapping[str, int], r: float) -> dict[str, int]:
         out = {}
         for name, n in survivors.items():
             w = max(int(math.floor(n * r)), n, 1)
-            out[name] = max(n, granularity * max(1, round(w / granularity)))
+            out[name] = max(n, g * max(1, round(w / g)))
         return out
 
     def allocate(graph: ChannelGraph, survivors: Mapping[str, int], r: float) -> dict[str, int]:
         budget = allocated_resource(graph, graph.widths, resource)
+        lo_ok, hi_ok = (1 - tolerance) * budget, (1 + tolerance) * budget
         cost = lambda w: allocated_resource(graph, w, resource)  # noqa: E731
         lo, hi = 0.0, 4.0 * r
         best = widths_at(survivors, 0.0)
@@ -104,31 +122,93 @@ def rounded_allocation(
                 lo, best = mid, widths
             else:
                 hi = mid
-        # then fill the gap greedily, one granule at a time (a residual tie moves together)
+        start = dict(best)
         tied = {n: tie for tie in graph.ties for n in tie}
         groups = sorted({tied.get(n, frozenset([n])) for n in best}, key=sorted)  # deterministic
-        while cost(best) < (1 - tolerance) * budget:
+        floor = {n: max(survivors[n], 1) for n in survivors}
+
+        def up(group: frozenset[str]) -> dict[str, int]:  # the next allowed width: a multiple
+            return {n: g * (best[n] // g + 1) for n in group}
+
+        def down(group: frozenset[str]) -> dict[str, int] | None:
+            w = {n: g * ((best[n] - 1) // g) for n in group}
+            if all(w[n] >= floor[n] for n in group):
+                return w
+            if any(best[n] != floor[n] for n in group) and all(
+                survivors[n] >= 1 for n in group
+            ):  # back to exactly L (the survivors alone)
+                return {n: floor[n] for n in group}
+            return None
+
+        while cost(best) < lo_ok:  # fill the gap greedily (a residual tie moves together)
             options = []
             for group in groups:
-                trial = {**best, **{n: best[n] + granularity for n in group}}
-                if (c := cost(trial)) <= (1 + tolerance) * budget:
+                trial = {**best, **up(group)}
+                if (c := cost(trial)) <= hi_ok:
                     options.append((abs(c - budget), sorted(group)[0], trial))
             if not options and len(groups) <= 48:  # grow one group, shrink another
-                for up in groups:
-                    for down in (g for g in groups if g != up):
-                        trial = {**best, **{n: best[n] + granularity for n in up}}
-                        trial.update({n: best[n] - granularity for n in down})
-                        if any(trial[n] < max(survivors[n], 1) for n in down):
+                now = cost(best)
+                for grow in groups:
+                    for shrink in (x for x in groups if x != grow):
+                        smaller = down(shrink)
+                        if smaller is None:
                             continue
-                        c = cost(trial)
-                        if cost(best) < c <= (1 + tolerance) * budget:
-                            options.append((abs(c - budget), sorted(up)[0], trial))
+                        trial = {**best, **up(grow), **smaller}
+                        if now < (c := cost(trial)) <= hi_ok:
+                            options.append((abs(c - budget), sorted(grow)[0], trial))
             if not options:
                 break
             best = min(options, key=lambda o: o[:2])[2]
+        if cost(best) < lo_ok:
+            best = _exhaustive(groups, survivors, start, g, cost, lo_ok, hi_ok) or best
         return best
 
     return allocate
+
+
+def _exhaustive(
+    groups: list[frozenset[str]],
+    survivors: Mapping[str, int],
+    start: Mapping[str, int],
+    g: int,
+    cost: Callable[[Mapping[str, Any]], Any],
+    lo_ok: float,
+    hi_ok: float,
+    max_grid: int = 1 << 18,
+) -> dict[str, int] | None:
+    """Every allowed combination of widths (multiples of g, or exactly L) evaluated at once.
+
+    Returns the combination within [lo_ok, hi_ok] closest to `start` (in granules), or None when
+    there is none or the grid would exceed `max_grid` points.
+    """
+    floor = {n: max(k, 1) for n, k in survivors.items()}
+    options = []
+    size = 1
+    for group in groups:
+        n = sorted(group)[0]
+        cands = [floor[n]] if floor[n] % g and survivors[n] == floor[n] else []
+        w = g * math.ceil(floor[n] / g)
+        while cost({**floor, **dict.fromkeys(group, w)}) <= hi_ok:
+            cands.append(w)
+            w += g
+        if not cands:
+            return None
+        size *= len(cands)
+        if size > max_grid:
+            return None
+        options.append(np.asarray(cands, np.int64))
+    grids = np.meshgrid(*options, indexing="ij")
+    widths = {n: grid for group, grid in zip(groups, grids, strict=True) for n in group}
+    c = np.asarray(cost(widths), np.float64)
+    ok = (c >= lo_ok) & (c <= hi_ok)
+    if not ok.any():
+        return None
+    distance = sum(
+        np.abs(grid - start[sorted(group)[0]]) for group, grid in zip(groups, grids, strict=True)
+    )
+    distance = np.where(ok, distance, np.iinfo(np.int64).max)
+    idx = np.unravel_index(int(np.argmin(distance)), distance.shape)
+    return {n: int(grid[idx]) for group, grid in zip(groups, grids, strict=True) for n in group}
 
 
 ALLOCATIONS: dict[str, Allocation] = {

@@ -12,10 +12,10 @@ generated cases (plus one per pool structure for the counters) run in well under
 
 Not tested: liveness of prunable residual ties where a tied unit is dead only through dead
 inputs (a documented gap: it still counts in its stream); the strategies never draw it.
-Known failures of `nr_jax.surgery`, kept as strict xfails with a minimal reproduction each:
-`rounded_allocation` can return widths that are not multiples of the granularity, can stop
-outside its 1% tolerance although allowed widths within it exist, and `allocated_resource`
-double-counts the producers of a concatenation in a rejuvenated graph.
+Failures these tests found in `nr_jax.surgery`, fixed, and kept as explicit examples:
+`rounded_allocation` returned widths that were not multiples of the granularity and could stop
+outside its 1% tolerance although allowed widths within it existed; `allocated_resource`
+double-counted the producers of a concatenation in a rejuvenated graph.
 """
 
 from __future__ import annotations
@@ -564,11 +564,6 @@ GRANULAR_REPRO = make_setup(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="surgery.rounded_allocation: the greedy fill adds whole granules to a width that "
-    "kept its survivor count L (not a multiple of g), e.g. L = 4, g = 3 -> 7",
-)
 @settings(NO_SHRINK, max_examples=40)
 @given(setups(), GRANULARITIES, RESOURCES, st.floats(1.0, 3.0))
 @example(GRANULAR_REPRO, 3, "params", 1.0)
@@ -587,11 +582,6 @@ BUDGET_REPRO = make_setup(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="surgery.rounded_allocation: the one-granule greedy (and one-up-one-down swap) stops "
-    "outside the 1% tolerance although multiple-of-g widths within it exist",
-)
 @settings(NO_SHRINK, max_examples=40)
 @given(setups(), GRANULARITIES, RESOURCES, st.floats(1.0, 3.0))
 @example(BUDGET_REPRO, 2, "params", 1.0)
@@ -851,11 +841,6 @@ DENSE_REPRO = make_setup(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="surgery.allocated_resource counts a producer once per input segment: after "
-    "rejuvenation a concatenation lists each producer twice (survivors, new channels)",
-)
 @settings(NO_SHRINK, max_examples=30)
 @given(setups(), RESOURCES)
 @example(DENSE_REPRO, "params")
