@@ -13,25 +13,46 @@ repetitions). Writes `benchmark.json` and `benchmark.md` into --out.
    (two convolutions) and with cross-attention, against the dense network of the same allocated
    widths;
 5. efficiency: achieved FLOP/s of the train step (XLA cost analysis) against a measured matmul peak;
-6. input pipeline throughput against the train step's consumption.
+6. input pipeline throughput (Fashion-MNIST in-memory arrays) against the train step's consumption;
+7. width granularity: train-step time per FLOP of a conv stack over a sweep of widths, and for each
+   granularity g in {1, 2, 4, 8, 16} the expected step time when a target width is rounded up to a
+   multiple of g (the measurement behind `rounded_allocation`);
+8. image pipelines on fabricated files in their real formats: CIFAR-10 (python-pickle archive ->
+   tfds array_record -> in-memory crop + flip + normalise) and ImageNet (tfds array_record of JPEGs
+   -> decode + RandomResizedCrop 224 + flip, and Resize 256 + CentreCrop 224), with and without
+   `prefetch`, against the train step's consumption (resnet_tiny_cifar; resnet18 at 224).
+
+`--sections granularity,pipeline_images` runs only the named sections.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import logging
+import math
 import os
+import pickle
 import platform
+import shutil
 import statistics
+import tarfile
+import tempfile
 import time
-from typing import Any
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tensorflow_datasets as tfds
 from absl import app, flags
+from etils import epath
+from PIL import Image
 
 import nr_jax
 from nr_jax import data as nr_data
@@ -42,6 +63,20 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "runs/benchmark", "Output directory.")
 flags.DEFINE_boolean("full", False, "More repetitions (slower, steadier).")
 flags.DEFINE_integer("batch", 64, "Batch size of the step benchmarks.")
+SECTIONS = (
+    "watching",
+    "compilations",
+    "latency",
+    "post",
+    "efficiency",
+    "pipeline",
+    "granularity",
+    "pipeline_images",
+)
+flags.DEFINE_list("sections", list(SECTIONS), f"Sections to run, of {', '.join(SECTIONS)}.")
+flags.DEFINE_boolean(
+    "imagenet_step", True, "Time one resnet18 train step at 224 (batch 8) in pipeline_images."
+)
 
 
 def _time_steps(fn: Any, state: Any, batch: dict, steps: int) -> tuple[Any, float]:
@@ -52,16 +87,24 @@ def _time_steps(fn: Any, state: Any, batch: dict, steps: int) -> tuple[Any, floa
     return state, (time.perf_counter() - t) / steps
 
 
-def interleaved(candidates: dict[str, tuple[Any, Any]], batch: dict, reps: int, steps: int):
-    """Median seconds per step of each (step_fn, state), repetitions interleaved."""
+def interleaved_times(
+    candidates: dict[Any, tuple[Any, Any]], batch: dict, reps: int, steps: int
+) -> dict[Any, list[float]]:
+    """Seconds per step of each (step_fn, state) in every repetition, repetitions interleaved."""
     states = {k: v[1] for k, v in candidates.items()}
     for k, (fn, _) in candidates.items():  # compile + warm up
         states[k], _ = _time_steps(fn, states[k], batch, 2)
-    times: dict[str, list[float]] = {k: [] for k in candidates}
+    times: dict[Any, list[float]] = {k: [] for k in candidates}
     for _ in range(reps):
         for k, (fn, _) in candidates.items():
             states[k], dt = _time_steps(fn, states[k], batch, steps)
             times[k].append(dt)
+    return times
+
+
+def interleaved(candidates: dict[str, tuple[Any, Any]], batch: dict, reps: int, steps: int):
+    """Median seconds per step of each (step_fn, state), repetitions interleaved."""
+    times = interleaved_times(candidates, batch, reps, steps)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -74,12 +117,19 @@ def _batch(n: int, hw: int = 28, c: int = 1, classes: int = 10) -> dict:
     }
 
 
-def _trainer(model: str, nr: bool = True, scheme: str = "removed") -> tuple[Any, Any]:
+def _trainer(
+    model: str,
+    nr: bool = True,
+    scheme: str = "removed",
+    dataset: str = "fashion_mnist",
+    batch: int | None = None,
+) -> tuple[Any, Any]:
     c = base_config()
-    c.model, c.batch_size = model, FLAGS.batch
+    c.model, c.dataset, c.batch_size = model, dataset, batch or FLAGS.batch
     c.nr.enabled, c.nr.scheme = nr, scheme
     trainer = train.Trainer(c, "")
-    state = train.init_state(trainer.model, trainer.tx, c, (28, 28, 1), jax.random.key(0))
+    shape = nr_data.DATASET_INFO[dataset].image_shape
+    state = train.init_state(trainer.model, trainer.tx, c, shape, jax.random.key(0))
     return trainer, state
 
 
@@ -287,7 +337,7 @@ def efficiency(reps: int, steps: int) -> dict:
     return out
 
 
-def input_pipeline(step_images_per_s: float) -> dict:
+def input_pipeline(step_images_per_s: float | None) -> dict:
     images = np.random.default_rng(0).integers(0, 255, (20_000, 28, 28, 1), dtype=np.uint8)
     labels = np.zeros(20_000, np.int32)
     info = nr_data.DATASET_INFO["fashion_mnist"]
@@ -302,71 +352,578 @@ def input_pipeline(step_images_per_s: float) -> dict:
         ):
             n += len(b["label"])
         rate = n / (time.perf_counter() - t)
-        out[f"augment={augment}"] = {"images_per_s": rate, "vs_step": rate / step_images_per_s}
+        out[f"augment={augment}"] = {
+            "images_per_s": rate,
+            "vs_step": rate / step_images_per_s if step_images_per_s else None,
+        }
     return out
 
 
+# --------------------------------------------------------------------------------------
+# 7. Width granularity
+# --------------------------------------------------------------------------------------
+
+GRANULARITIES = (1, 2, 4, 8, 16)
+_STACK_BATCH, _STACK_DEPTH, _STACK_HW = 32, 2, 16  # maps after the stride-2 stem
+_BOOTSTRAP = 1000
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _bn_relu(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    mean, var = jnp.mean(x, axis=(0, 1, 2)), jnp.var(x, axis=(0, 1, 2))
+    return jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias)
+
+
+def _stack_loss(params: dict, batch: dict) -> jax.Array:
+    x = _bn_relu(_conv(batch["image"], params["stem"], 2), *params["stem_bn"])
+    for kernel, bn in zip(params["convs"], params["bns"], strict=True):
+        x = _bn_relu(_conv(x, kernel, 1), *bn)
+    logits = jnp.mean(x, axis=(1, 2)) @ params["fc"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+
+@jax.jit
+def _stack_step(params: dict, batch: dict) -> tuple[dict, dict]:
+    """One SGD step (forward + backward) of the width-w conv stack."""
+    loss, grads = jax.value_and_grad(_stack_loss)(params, batch)
+    return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads), {"loss": loss}
+
+
+def _stack_params(width: int) -> dict:
+    rng = np.random.default_rng(width)
+
+    def he(*shape: int) -> jax.Array:
+        fan_in = shape[0] * shape[1] * shape[2]
+        return jnp.asarray(rng.normal(size=shape) * np.sqrt(2.0 / fan_in), jnp.float32)
+
+    bn = (jnp.ones((width,), jnp.float32), jnp.zeros((width,), jnp.float32))
+    return {
+        "stem": he(3, 3, 3, width),
+        "stem_bn": bn,
+        "convs": [he(3, 3, width, width) for _ in range(_STACK_DEPTH)],
+        "bns": [bn] * _STACK_DEPTH,
+        "fc": jnp.asarray(rng.normal(size=(width, 10)) / np.sqrt(width), jnp.float32),
+    }
+
+
+def _stack_flops(width: int) -> float:
+    """Model FLOPs of one train step: 6 x MACs x batch, as in `efficiency`."""
+    maps = _STACK_HW * _STACK_HW
+    macs = maps * 9 * 3 * width + _STACK_DEPTH * maps * 9 * width * width + width * 10
+    return 6.0 * macs * _STACK_BATCH
+
+
+def _round_up(width: int, granularity: int) -> int:
+    return granularity * math.ceil(width / granularity)
+
+
+def width_granularity(targets: range, reps: int, steps: int) -> dict:
+    """Step time per FLOP over a width sweep; the expected cost of each rounding granularity.
+
+    Every width in `targets` (and every rounded-up width) is compiled once; all widths are timed
+    in the same interleaved repetitions. For granularity g, a target width t costs the measured
+    step time of `g * ceil(t / g)`; its mean over the targets (a uniformly random target width)
+    is compared with g = 1 (no rounding).
+    """
+    measured = sorted(set(targets) | {_round_up(t, g) for g in GRANULARITIES for t in targets})
+    batch = _batch(_STACK_BATCH, hw=32, c=3)
+    batch = {"image": batch["image"], "label": batch["label"]}
+    cands, compile_s = {}, {}
+    t0 = time.perf_counter()
+    for w in measured:
+        params = _stack_params(w)
+        t = time.perf_counter()
+        cands[w] = (_stack_step.lower(params, batch).compile(), params)
+        compile_s[w] = time.perf_counter() - t
+    compile_total = time.perf_counter() - t0
+    all_times = interleaved_times(cands, batch, reps, steps)
+    times = {w: statistics.median(v) for w, v in all_times.items()}
+    flops = {w: _stack_flops(w) for w in measured}
+    tpf = {w: times[w] / flops[w] for w in measured}
+    mean_tpf = statistics.mean(tpf[t] for t in targets)
+    mean_time = statistics.mean(times[t] for t in targets)
+    # Time per FLOP falls with width (bigger convolutions run closer to peak); the residual
+    # against a power-law fit over the targets separates granularity from that trend.
+    fit = np.polyfit(np.log(list(targets)), np.log([tpf[t] for t in targets]), 1)
+    residual = {w: tpf[w] / np.exp(np.polyval(fit, np.log(w))) for w in measured}
+    mean_residual = statistics.mean(residual[t] for t in targets)
+    table = {}
+    for g in GRANULARITIES:
+        multiples = [t for t in targets if t % g == 0]
+        up = [_round_up(t, g) for t in targets]
+        table[str(g)] = {
+            "widths": len(multiples),
+            "time_per_flop_vs_all": statistics.mean(tpf[w] for w in multiples) / mean_tpf,
+            "time_per_flop_vs_trend": float(
+                statistics.mean(residual[w] for w in multiples) / mean_residual
+            ),
+            "extra_flops_rounding_up": statistics.mean(
+                flops[u] / flops[t] for t, u in zip(targets, up, strict=True)
+            )
+            - 1,
+            "expected_time_vs_g1": statistics.mean(times[u] for u in up) / mean_time,
+        }
+    best = min(GRANULARITIES, key=lambda g: table[str(g)]["expected_time_vs_g1"])
+    # How firm the choice is: the argmin over bootstrap resamples of each width's repetitions.
+    rng = np.random.default_rng(0)
+    samples = {w: np.asarray(v) for w, v in all_times.items()}
+    wins = dict.fromkeys(GRANULARITIES, 0)
+    for _ in range(_BOOTSTRAP):
+        t = {w: np.median(rng.choice(v, len(v))) for w, v in samples.items()}
+        wins[min(GRANULARITIES, key=lambda g: np.mean([t[_round_up(u, g)] for u in targets]))] += 1
+    best_equal = min(GRANULARITIES, key=lambda g: table[str(g)]["time_per_flop_vs_trend"])
+    return {
+        "setup": (
+            f"pure-JAX train step (forward + backward + SGD): 3x3 stem conv 3->w stride 2, then "
+            f"{_STACK_DEPTH} 3x3 convs w->w on {_STACK_HW}x{_STACK_HW} maps, each + BN + ReLU, "
+            f"batch {_STACK_BATCH}, 32x32x3 input"
+        ),
+        "targets": [targets.start, targets.stop - 1],
+        "compilations": len(measured),
+        "compile_seconds": compile_total,
+        "widths": {
+            str(w): {
+                "ms_per_step": 1e3 * times[w],
+                "gflops_per_s": flops[w] / times[w] / 1e9,
+                "time_per_flop_vs_mean": tpf[w] / mean_tpf,
+                "time_per_flop_vs_trend": float(residual[w]),
+                "compile_s": compile_s[w],
+            }
+            for w in measured
+        },
+        "granularity": table,
+        "recommended": best,
+        "bootstrap_wins": {str(g): n / _BOOTSTRAP for g, n in wins.items()},
+        "recommended_at_equal_flops": best_equal,
+        "preset": train.allocation_name(_improved_config()),
+    }
+
+
+def _improved_config() -> Any:
+    c = base_config()
+    c.preset = "improved"
+    return c
+
+
+# --------------------------------------------------------------------------------------
+# 8. Image pipelines on fabricated CIFAR-10 and ImageNet files
+# --------------------------------------------------------------------------------------
+
+_CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+_IMAGENET_SIZES = (
+    (375, 500),
+    (500, 375),
+    (333, 500),
+    (500, 333),
+    (400, 500),
+    (375, 375),
+    (281, 500),
+    (500, 400),
+)
+_IMAGENET_BATCH = 32
+H100_RESNET50_IMAGES_PER_S = 2500  # what one H100 consumes training ResNet-50 (not measured here)
+
+
+def _fabricate_cifar10(source: Path, per_file: int) -> None:
+    """Writes `cifar-10-python.tar.gz` as its authors distribute it (uint8 CHW pickle rows)."""
+    rng = np.random.default_rng(0)
+    folder = source / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in _CIFAR_FILES:
+        batch = {
+            b"batch_label": name.encode(),
+            b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+            b"labels": [int(x) for x in rng.integers(0, 10, per_file)],
+            b"filenames": [f"img_{i}.png".encode() for i in range(per_file)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    with tarfile.open(source / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    shutil.rmtree(folder)
+
+
+def _natural_jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
+    """A smooth random field plus noise at JPEG quality 90: about 100 KB at 500x375, near the
+    mean ImageNet training file (about 110 KB), so decoding costs about what it costs there."""
+    low = rng.integers(0, 256, (max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC))
+    pixels = np.clip(base + rng.normal(0.0, 24.0, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class _FabricatedImagenet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Stands in for tfds' `imagenet2012` (same name, version and features), prepared without
+    TensorFlow; its records cycle through a pool of distinct JPEGs of ImageNet-like sizes."""
+
+    name = nr_data.IMAGENET_NAME
+    VERSION = tfds.core.Version("5.1.0")
+    code_path = epath.Path(__file__)
+    NUM: ClassVar[dict[str, int]] = {"train": 256, "validation": 64}
+    POOL = 32
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(encoding_format="jpeg"),
+                    "label": tfds.features.ClassLabel(num_classes=1000),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: object) -> dict:
+        return {split: self._generate_examples(split) for split in self.NUM}
+
+    def _generate_examples(self, split: str) -> Iterable[tuple[int, dict]]:
+        rng = np.random.default_rng(len(split))
+        sizes = itertools.cycle(_IMAGENET_SIZES)
+        pool = [_natural_jpeg(rng, *next(sizes)) for _ in range(self.POOL)]
+        for i in range(self.NUM[split]):
+            yield i, {"image": pool[i % self.POOL], "label": i % 1000, "file_name": f"{i}.JPEG"}
+
+
+def _count(batch: dict) -> int:
+    return int(np.sum(batch["mask"])) if "mask" in batch else len(batch["label"])
+
+
+def _pipeline_rates(configs: dict[str, Callable[[int], Iterable[dict]]], reps: int) -> dict:
+    """Median images/s of each iterator factory (called with the epoch), repetitions
+    interleaved after one untimed pass of each."""
+    rates: dict[str, list[float]] = {k: [] for k in configs}
+    for rep in range(reps + 1):
+        for k, make in configs.items():
+            t = time.perf_counter()
+            n = sum(_count(b) for b in make(rep))
+            if rep:
+                rates[k].append(n / (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def _fed_rates(
+    trainer: Any,
+    state: Any,
+    make: Callable[[int], Iterable[dict]],
+    steps: int,
+    reps: int,
+) -> dict:
+    """Images/s of the train step alone (one batch kept on the device) and fed by `make` with
+    and without `prefetch`; repetitions interleaved."""
+    holder = {"state": state}
+    fixed = jax.device_put(next(iter(make(0))))
+
+    def run(batches: Iterable[dict]) -> float:
+        t = time.perf_counter()
+        n = 0
+        for batch in itertools.islice(batches, steps):
+            holder["state"], metrics = trainer.steps.train(holder["state"], batch)
+            n += _count(batch)
+        jax.block_until_ready(metrics)
+        return n / (time.perf_counter() - t)
+
+    def prefetched(epoch: int) -> float:
+        batches = nr_data.prefetch(make(epoch))
+        try:
+            return run(batches)
+        finally:
+            batches.close()
+
+    modes = {
+        "step_alone": lambda epoch: run(itertools.repeat(fixed)),
+        "fed_no_prefetch": lambda epoch: run(make(epoch)),
+        "fed_prefetch": prefetched,
+    }
+    run(itertools.repeat(fixed, 2))  # compile + warm up
+    rates: dict[str, list[float]] = {k: [] for k in modes}
+    for rep in range(reps):
+        for k, mode in modes.items():
+            rates[k].append(mode(rep + 1))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def image_pipelines(reps: int, steps: int) -> dict:
+    out: dict[str, Any] = {"host_cores": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="nr_jax_bench_") as tmp:
+        root = Path(tmp)
+        # CIFAR-10: python-pickle archive -> local tfds builder (array_record) -> .npz cache.
+        per_file = 2000 if FLAGS.full else 1000
+        _fabricate_cifar10(root / "cifar_src", per_file)
+        t = time.perf_counter()
+        images, labels = nr_data.load_arrays(
+            "cifar10", "train", data_dir=root / "tfds", source_dir=root / "cifar_src"
+        )
+        first_load = time.perf_counter() - t
+        t = time.perf_counter()
+        images, labels = nr_data.load_arrays("cifar10", "train", data_dir=root / "tfds")
+        cached_load = time.perf_counter() - t
+        info = nr_data.DATASET_INFO["cifar10"]
+
+        def cifar(epoch: int, batch: int = FLAGS.batch) -> Iterable[dict]:
+            return nr_data.train_batches(
+                images, labels, batch, seed=0, epoch=epoch, augment=True, info=info
+            )
+
+        rates = _pipeline_rates(
+            {"no_prefetch": cifar, "prefetch": lambda e: nr_data.prefetch(cifar(e))}, reps
+        )
+        trainer, state = _trainer("resnet_tiny_cifar", dataset="cifar10")
+        fed = _fed_rates(trainer, state, cifar, steps=steps, reps=max(3, reps // 2))
+        out["cifar10"] = {
+            "examples": len(labels),
+            "first_load_s": first_load,
+            "cached_load_s": cached_load,
+            "images_per_s": rates,
+            "step_model": f"resnet_tiny_cifar, NR on, batch {FLAGS.batch}",
+            "step_images_per_s": fed,
+            "vs_step": {k: v / fed["step_alone"] for k, v in rates.items()},
+        }
+
+        # ImageNet: tfds `imagenet2012` in array_record with the JPEGs left encoded.
+        num_train = 512 if FLAGS.full else 256
+        _FabricatedImagenet.NUM = {"train": num_train, "validation": 128}
+        data_dir = root / "imagenet"
+        t = time.perf_counter()
+        _FabricatedImagenet(
+            data_dir=os.fspath(data_dir), file_format="array_record"
+        ).download_and_prepare()
+        prepare_s = time.perf_counter() - t
+        src = nr_data.load_imagenet_source("train", data_dir=data_dir)
+        val = nr_data.load_imagenet_source("validation", data_dir=data_dir)
+        info = nr_data.DATASET_INFO[nr_data.IMAGENET_NAME]
+        jpeg_kb = statistics.mean(len(src[i]["image"]) for i in range(_FabricatedImagenet.POOL))
+
+        def imagenet(
+            workers: int | None = None, prefetched: bool = False, evaluation: bool = False
+        ) -> Callable[[int], Iterable[dict]]:
+            def make(epoch: int) -> Iterable[dict]:
+                if not evaluation:
+                    it = nr_data.train_batches_from_source(
+                        src, _IMAGENET_BATCH, seed=0, epoch=epoch, info=info, num_workers=workers
+                    )
+                else:
+                    it = nr_data.eval_batches_from_source(
+                        val, _IMAGENET_BATCH, info=info, num_workers=workers
+                    )
+                return nr_data.prefetch(it) if prefetched else it
+
+            return make
+
+        workers = max(1, os.cpu_count() or 1)  # the iterators' default num_workers
+        rates = _pipeline_rates(
+            {
+                f"train_{workers}_threads": imagenet(),
+                f"train_{workers}_threads_prefetch": imagenet(prefetched=True),
+                "train_1_thread": imagenet(workers=1),
+                f"eval_{workers}_threads": imagenet(evaluation=True),
+                f"eval_{workers}_threads_prefetch": imagenet(prefetched=True, evaluation=True),
+            },
+            max(2, reps // 2),
+        )
+        per_core = rates["train_1_thread"]
+        imagenet_out: dict[str, Any] = {
+            "examples": {"train": num_train, "validation": 128},
+            "prepare_s": prepare_s,
+            "mean_jpeg_kb": jpeg_kb / 1e3,
+            "images_per_s": rates,
+            "train_images_per_s_per_core": per_core,
+            "h100_resnet50_images_per_s": H100_RESNET50_IMAGES_PER_S,
+            "cores_for_h100_resnet50": H100_RESNET50_IMAGES_PER_S / per_core,
+        }
+        if FLAGS.imagenet_step:
+            batch = next(
+                iter(nr_data.train_batches_from_source(src, 8, seed=0, epoch=0, info=info))
+            )
+            t = time.perf_counter()
+            trainer, state = _trainer("resnet18", dataset=nr_data.IMAGENET_NAME, batch=8)
+            state, _ = _time_steps(trainer.steps.train, state, batch, 1)  # compile + first step
+            setup_s = time.perf_counter() - t
+            dts = []
+            for _ in range(3 if FLAGS.full else 1):
+                state, dt = _time_steps(trainer.steps.train, state, batch, 1)
+                dts.append(dt)
+            step_rate = 8 / statistics.median(dts)
+            imagenet_out |= {
+                "step_model": "resnet18, NR on, batch 8, 224x224",
+                "step_setup_s": setup_s,
+                "step_images_per_s": step_rate,
+                "vs_step": {k: v / step_rate for k, v in rates.items()},
+            }
+        out["imagenet"] = imagenet_out
+    return out
+
+
+def _markdown_granularity(gr: dict) -> list[str]:
+    lo, hi = gr["targets"]
+    wins = ", ".join(f"g={g} {100 * v:.0f}%" for g, v in gr["bootstrap_wins"].items())
+    lines = [
+        "",
+        f"Width granularity: {gr['setup']}; target widths {lo}-{hi}, "
+        f"{gr['compilations']} compilations in {gr['compile_seconds']:.0f} s.",
+        "",
+        "| granularity g | targets that are multiples of g | time/FLOP of those vs all | "
+        "same, vs the width trend | extra FLOPs, rounding up | expected step time, rounding up "
+        "(vs g=1) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g, v in gr["granularity"].items():
+        lines.append(
+            f"| {g} | {v['widths']} | {v['time_per_flop_vs_all']:.2f} | "
+            f"{v['time_per_flop_vs_trend']:.2f} | {100 * v['extra_flops_rounding_up']:+.1f}% | "
+            f"{v['expected_time_vs_g1']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Recommended granularity (least expected step time for a uniformly random target width "
+        f"in {lo}-{hi}, rounded up): **{gr['recommended']}**; at an equal FLOP budget (time per "
+        f"FLOP against the width trend alone): {gr['recommended_at_equal_flops']}. Improved "
+        f"preset today: {gr['preset']}. Share of {_BOOTSTRAP} bootstrap resamples of the "
+        f"repetitions in which each g has the least expected time: {wins}.",
+        "",
+        "Time per FLOP by width, relative to the mean over the targets and to the width trend:",
+        "",
+    ]
+    widths = list(gr["widths"].items())
+    for k in range(0, len(widths), 16):
+        row = widths[k : k + 16]
+        lines += [
+            "| width | " + " | ".join(w for w, _ in row) + " |",
+            "|---" * (len(row) + 1) + "|",
+            "| vs mean | " + " | ".join(f"{v['time_per_flop_vs_mean']:.2f}" for _, v in row) + " |",
+            "| vs trend | "
+            + " | ".join(f"{v['time_per_flop_vs_trend']:.2f}" for _, v in row)
+            + " |",
+            "",
+        ]
+    return lines[:-1]
+
+
+def _markdown_images(pi: dict) -> list[str]:
+    c, im = pi["cifar10"], pi["imagenet"]
+    step_c = c["step_images_per_s"]
+    lines = [
+        "",
+        f"Image pipelines on fabricated files ({pi['host_cores']} host cores). CIFAR-10: "
+        f"{c['examples']:,} training images from a python-pickle archive, first load (tfds "
+        f"array_record + .npz cache) {c['first_load_s']:.1f} s, cached load "
+        f"{c['cached_load_s']:.2f} s; batches of {FLAGS.batch} with crop + flip + normalise. "
+        f"ImageNet: tfds `imagenet2012` in array_record, {im['examples']['train']} training / "
+        f"{im['examples']['validation']} validation JPEGs of ImageNet-like sizes (mean "
+        f"{im['mean_jpeg_kb']:.0f} KB), batches of {_IMAGENET_BATCH}.",
+        "",
+        "| image pipeline | images/s | x train step consumption |",
+        "|---|---|---|",
+    ]
+    for k, v in c["images_per_s"].items():
+        lines.append(f"| cifar10 train, {k} | {v:,.0f} | {c['vs_step'][k]:,.0f}x |")
+    for k, v in im["images_per_s"].items():
+        what = "RandomResizedCrop 224 + flip" if k.startswith("train") else "Resize 256 + crop 224"
+        ratio = f"{im['vs_step'][k]:.1f}x" if "vs_step" in im else "-"
+        lines.append(f"| imagenet {k.replace('_', ' ')} ({what}) | {v:,.0f} | {ratio} |")
+    lines += [
+        "",
+        f"Train step consumption: {c['step_model']}: {step_c['step_alone']:.0f} images/s alone, "
+        f"{step_c['fed_no_prefetch']:.0f} fed by the CIFAR pipeline without prefetch, "
+        f"{step_c['fed_prefetch']:.0f} with prefetch.",
+    ]
+    if "step_images_per_s" in im:
+        lines.append(
+            f"{im['step_model']}: {im['step_images_per_s']:.1f} images/s (setup and compile "
+            f"{im['step_setup_s']:.0f} s)."
+        )
+    lines.append(
+        f"ImageNet training decode per host core: {im['train_images_per_s_per_core']:.0f} "
+        f"images/s; ResNet-50 on one H100 consumes about {im['h100_resnet50_images_per_s']:,} "
+        f"images/s, i.e. about {im['cores_for_h100_resnet50']:.0f} such cores per GPU."
+    )
+    return lines
+
+
 def markdown(r: dict) -> str:
-    w, p, e, lat = r["watching"], r["post"], r["efficiency"], r["latency"]
-    lines = [f"Hardware: {r['hardware']}; batch {r['batch']}; jax {r['jax']}.", ""]
-    lines += [
-        "| watching overhead | NR step ms | no-NR step ms | plain Flax ms | NR vs no-NR |",
-        "|---|---|---|---|---|",
-    ]
-    for m, v in w.items():
-        ms = v["ms_per_step"]
-        plain = f"{ms['plain_flax']:.1f}" if "plain_flax" in ms else "-"
-        lines.append(
-            f"| {m} | {ms['nr']:.1f} | {ms['no_nr']:.1f} | {plain} | "
-            f"{100 * v['overhead_vs_no_nr']:+.1f}% |"
-        )
-    lines += [
-        "",
-        f"Compilations in a run with one rejuvenation (2 width configurations): "
-        f"{r['compilations']['traces']}",
-        "",
-    ]
-    lines += ["| rejuvenation latency | median s | U | params after |", "|---|---|---|---|"]
-    for m, v in lat.items():
-        lines.append(
-            f"| {m} | {v['seconds_median']:.2f} | {v['utilization']:.3f} | {v['params_after']:,} |"
-        )
-    lines += [
-        "",
-        "| post-rejuvenation step | U | removed ms | attention ms (2 convs) | "
-        "attention ms (4 convs) | dense ms | removed/dense | attention/dense | "
-        "effective MACs/dense |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for m, v in p.items():
-        ms = v["ms_per_step"]
-        lines.append(
-            f"| {m} | {v['utilization']:.3f} | {ms['removed']:.1f} | {ms['attention']:.1f} | "
-            f"{ms['attention4']:.1f} | {ms['dense']:.1f} | {v['removed_vs_dense']:.2f} | "
-            f"{v['attention_vs_dense']:.2f} | {v['effective_macs_ratio']:.2f} |"
-        )
-    lines += [
-        "",
-        f"Matmul peak: {e['matmul_peak_gflops']:.0f} GFLOP/s",
-        "",
-        "| efficiency | images/s | achieved GFLOP/s | fraction of peak |",
-        "|---|---|---|---|",
-    ]
-    for m in ("vgg_fmnist", "resnet_fmnist"):
-        v = e[m]
-        lines.append(
-            f"| {m} | {v['images_per_s']:.0f} | {v['achieved_gflops']:.1f} | "
-            f"{100 * v['fraction_of_peak']:.0f}% |"
-        )
-    lines += ["", "| input pipeline | images/s | x step consumption |", "|---|---|---|"]
-    for k, v in r["pipeline"].items():
-        lines.append(f"| {k} | {v['images_per_s']:,.0f} | {v['vs_step']:.0f}x |")
+    lines = [f"Hardware: {r['hardware']}; batch {r['batch']}; jax {r['jax']}."]
+    if "watching" in r:
+        lines += [
+            "",
+            "| watching overhead | NR step ms | no-NR step ms | plain Flax ms | NR vs no-NR |",
+            "|---|---|---|---|---|",
+        ]
+        for m, v in r["watching"].items():
+            ms = v["ms_per_step"]
+            plain = f"{ms['plain_flax']:.1f}" if "plain_flax" in ms else "-"
+            lines.append(
+                f"| {m} | {ms['nr']:.1f} | {ms['no_nr']:.1f} | {plain} | "
+                f"{100 * v['overhead_vs_no_nr']:+.1f}% |"
+            )
+    if "compilations" in r:
+        lines += [
+            "",
+            f"Compilations in a run with one rejuvenation (2 width configurations): "
+            f"{r['compilations']['traces']}",
+        ]
+    if "latency" in r:
+        lines += ["", "| rejuvenation latency | median s | U | params after |", "|---|---|---|---|"]
+        for m, v in r["latency"].items():
+            lines.append(
+                f"| {m} | {v['seconds_median']:.2f} | {v['utilization']:.3f} | "
+                f"{v['params_after']:,} |"
+            )
+    if "post" in r:
+        lines += [
+            "",
+            "| post-rejuvenation step | U | removed ms | attention ms (2 convs) | "
+            "attention ms (4 convs) | dense ms | removed/dense | attention/dense | "
+            "effective MACs/dense |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for m, v in r["post"].items():
+            ms = v["ms_per_step"]
+            lines.append(
+                f"| {m} | {v['utilization']:.3f} | {ms['removed']:.1f} | {ms['attention']:.1f} | "
+                f"{ms['attention4']:.1f} | {ms['dense']:.1f} | {v['removed_vs_dense']:.2f} | "
+                f"{v['attention_vs_dense']:.2f} | {v['effective_macs_ratio']:.2f} |"
+            )
+    if "efficiency" in r:
+        e = r["efficiency"]
+        lines += [
+            "",
+            f"Matmul peak: {e['matmul_peak_gflops']:.0f} GFLOP/s",
+            "",
+            "| efficiency | images/s | achieved GFLOP/s | fraction of peak |",
+            "|---|---|---|---|",
+        ]
+        for m in ("vgg_fmnist", "resnet_fmnist"):
+            v = e[m]
+            lines.append(
+                f"| {m} | {v['images_per_s']:.0f} | {v['achieved_gflops']:.1f} | "
+                f"{100 * v['fraction_of_peak']:.0f}% |"
+            )
+    if "pipeline" in r:
+        lines += ["", "| input pipeline | images/s | x step consumption |", "|---|---|---|"]
+        for k, v in r["pipeline"].items():
+            ratio = f"{v['vs_step']:.0f}x" if v["vs_step"] is not None else "-"
+            lines.append(f"| {k} | {v['images_per_s']:,.0f} | {ratio} |")
+    if "granularity" in r:
+        lines += _markdown_granularity(r["granularity"])
+    if "pipeline_images" in r:
+        lines += _markdown_images(r["pipeline_images"])
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     del argv
     logging.getLogger("nr_jax").setLevel(logging.WARNING)
+    unknown = set(FLAGS.sections) - set(SECTIONS)
+    if unknown:
+        raise app.UsageError(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
     os.makedirs(FLAGS.out, exist_ok=True)
     reps, steps = (7, 10) if FLAGS.full else (5, 5)
     t0 = time.time()
@@ -375,17 +932,41 @@ def main(argv: list[str]) -> None:
         f"{jax.devices()[0].device_kind}",
         "batch": FLAGS.batch,
         "jax": jax.__version__,
+        "load_average_start": os.getloadavg(),
+        "section_seconds": {},
     }
-    r["watching"] = watching_overhead(reps, steps)
-    r["compilations"] = compilations()
-    r["latency"] = rejuvenation_latency(3)
-    r["post"] = post_rejuvenation_cost(reps, steps)
-    r["efficiency"] = efficiency(reps, steps)
-    r["pipeline"] = input_pipeline(r["efficiency"]["vgg_fmnist"]["images_per_s"])
+    step_rate = None
+    sections: dict[str, Callable[[], Any]] = {
+        "watching": lambda: watching_overhead(reps, steps),
+        "compilations": compilations,
+        "latency": lambda: rejuvenation_latency(3),
+        "post": lambda: post_rejuvenation_cost(reps, steps),
+        "efficiency": lambda: efficiency(reps, steps),
+        "pipeline": lambda: input_pipeline(step_rate),
+        "granularity": lambda: width_granularity(
+            range(25, 81) if FLAGS.full else range(33, 65), 9 if FLAGS.full else 7, 1
+        ),
+        "pipeline_images": lambda: image_pipelines(reps, steps),
+    }
+    for name in SECTIONS:
+        if name not in FLAGS.sections:
+            continue
+        if name == "pipeline" and "efficiency" in r:
+            step_rate = r["efficiency"]["vgg_fmnist"]["images_per_s"]
+        t = time.time()
+        r[name] = sections[name]()
+        r["section_seconds"][name] = time.time() - t
+        logging.info("section %s: %.0f s", name, r["section_seconds"][name])
     r["wall_s"] = time.time() - t0
+    r["load_average_end"] = os.getloadavg()
     with open(os.path.join(FLAGS.out, "benchmark.json"), "w") as f:
         json.dump(r, f, indent=1)
-    md = markdown(r) + f"\n\nBenchmark wall time: {r['wall_s']:.0f} s\n"
+    load = ", ".join(f"{a:.1f}" for a in r["load_average_end"])
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in r["section_seconds"].items())
+    md = markdown(r) + (
+        f"\n\nBenchmark wall time: {r['wall_s']:.0f} s ({seconds}); load average at the end "
+        f"(1, 5, 15 min): {load}\n"
+    )
     with open(os.path.join(FLAGS.out, "benchmark.md"), "w") as f:
         f.write(md)
     print(md)  # the summary, for people
