@@ -1382,6 +1382,27 @@ def load_image_source(
     )
 
 
+def imagenet2012_info(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetInfo:
+    """The `DatasetInfo` of tfds' `imagenet2012` (image, label, file_name), for local builders.
+
+    A builder named `imagenet2012` (version 5.1.0) that returns this from `_info` and is prepared
+    in array_record reads exactly like the official dataset through `load_imagenet_source`: a
+    subset of one's own, or the fabricated files of the tests and the benchmark.
+    """
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=1000),
+                "file_name": tfds.features.Text(),
+            }
+        ),
+        supervised_keys=("image", "label"),
+        disable_shuffling=True,
+    )
+
+
 def load_imagenet_source(
     split: str = "train",
     *,

@@ -711,18 +711,7 @@ class _FakeImagenet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(encoding_format="jpeg"),
-                    "label": tfds.features.ClassLabel(num_classes=1000),
-                    "file_name": tfds.features.Text(),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            disable_shuffling=True,
-        )
+        return data.imagenet2012_info(self)
 
     def _split_generators(self, dl_manager: object) -> dict:
         return {split: self._generate_examples(split) for split in IMAGENET_SIZES}
