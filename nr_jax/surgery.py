@@ -15,6 +15,7 @@ whose input is a concatenation, [survivors of every input, new channels of every
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -31,7 +32,9 @@ from nr_jax.graph import INPUT, ChannelGraph, Unit, channel_graph
 from nr_jax.layers import MASKS, UnitWidth, WidthSpec
 from nr_jax.liveness import Counts, Liveness, count, liveness, utilization
 
-Allocation = Callable[[ChannelGraph, Mapping[str, int], float], Mapping[str, int]]
+# (graph, survivors L per unit, r) -> new width per unit; a rule that also takes a keyword
+# `min_width` gets `rejuvenate`'s (see `rounded_allocation`)
+Allocation = Callable[..., Mapping[str, int]]
 
 
 def sqrt_allocation(graph: ChannelGraph, survivors: Mapping[str, int], r: float) -> dict[str, int]:
@@ -96,28 +99,33 @@ def rounded_allocation(
     width at a time until the allocated resource is within `tolerance` of the budget. Where that
     greedy search stalls (small networks, where one granule is a large share of the budget) and
     the candidate grid is small, every combination is evaluated at once and the one within
-    tolerance closest to the uniform start is taken.
+    tolerance closest to the uniform start is taken. The returned rule takes `min_width`
+    (`rejuvenate` passes its own), so the widths it plans already respect it.
     """
     if granularity < 1:
         raise ValueError(f"granularity must be >= 1, got {granularity}")
     g = granularity
 
-    def widths_at(survivors: Mapping[str, int], r: float) -> dict[str, int]:
-        out = {}
-        for name, n in survivors.items():
-            w = max(int(math.floor(n * r)), n, 1)
-            out[name] = max(n, g * max(1, round(w / g)))
-        return out
+    def allocate(
+        graph: ChannelGraph, survivors: Mapping[str, int], r: float, min_width: int = 1
+    ) -> dict[str, int]:
+        floor = {n: max(k, min_width, 1) for n, k in survivors.items()}
 
-    def allocate(graph: ChannelGraph, survivors: Mapping[str, int], r: float) -> dict[str, int]:
+        def widths_at(r: float) -> dict[str, int]:
+            out = {}
+            for name, n in survivors.items():
+                w = max(int(math.floor(n * r)), floor[name])
+                out[name] = max(n, g * max(math.ceil(floor[name] / g), round(w / g)))
+            return out
+
         budget = allocated_resource(graph, graph.widths, resource)
         lo_ok, hi_ok = (1 - tolerance) * budget, (1 + tolerance) * budget
         cost = lambda w: allocated_resource(graph, w, resource)  # noqa: E731
         lo, hi = 0.0, 4.0 * r
-        best = widths_at(survivors, 0.0)
+        best = widths_at(0.0)
         for _ in range(40):  # the largest uniform factor that fits the budget
             mid = (lo + hi) / 2
-            widths = widths_at(survivors, mid)
+            widths = widths_at(mid)
             if cost(widths) <= budget:
                 lo, best = mid, widths
             else:
@@ -125,7 +133,6 @@ def rounded_allocation(
         start = dict(best)
         tied = {n: tie for tie in graph.ties for n in tie}
         groups = sorted({tied.get(n, frozenset([n])) for n in best}, key=sorted)  # deterministic
-        floor = {n: max(survivors[n], 1) for n in survivors}
 
         def up(group: frozenset[str]) -> dict[str, int]:  # the next allowed width: a multiple
             return {n: g * (best[n] // g + 1) for n in group}
@@ -135,7 +142,7 @@ def rounded_allocation(
             if all(w[n] >= floor[n] for n in group):
                 return w
             if any(best[n] != floor[n] for n in group) and all(
-                survivors[n] >= 1 for n in group
+                survivors[n] == floor[n] for n in group
             ):  # back to exactly L (the survivors alone)
                 return {n: floor[n] for n in group}
             return None
@@ -160,7 +167,7 @@ def rounded_allocation(
                 break
             best = min(options, key=lambda o: o[:2])[2]
         if cost(best) < lo_ok:
-            best = _exhaustive(groups, survivors, start, g, cost, lo_ok, hi_ok) or best
+            best = _exhaustive(groups, survivors, floor, start, g, cost, lo_ok, hi_ok) or best
         return best
 
     return allocate
@@ -169,6 +176,7 @@ def rounded_allocation(
 def _exhaustive(
     groups: list[frozenset[str]],
     survivors: Mapping[str, int],
+    floor: Mapping[str, int],
     start: Mapping[str, int],
     g: int,
     cost: Callable[[Mapping[str, Any]], Any],
@@ -181,7 +189,6 @@ def _exhaustive(
     Returns the combination within [lo_ok, hi_ok] closest to `start` (in granules), or None when
     there is none or the grid would exceed `max_grid` points.
     """
-    floor = {n: max(k, 1) for n, k in survivors.items()}
     options = []
     size = 1
     for group in groups:
@@ -448,7 +455,12 @@ def plan_widths(
             out[n] = stream
     keep = {n: np.flatnonzero(m) for n, m in out.items()}
     survivors = {n: len(k) for n, k in keep.items()}
-    widths = dict(allocation(graph, survivors, r))
+    takes_min_width = "min_width" in inspect.signature(allocation).parameters
+    widths = dict(
+        allocation(graph, survivors, r, min_width=min_width)
+        if takes_min_width
+        else allocation(graph, survivors, r)
+    )
     if set(widths) != set(survivors):
         raise ValueError("the allocation rule must return a width for every unit")
     widths = {n: max(int(widths[n]), survivors[n], min_width) for n in survivors}
