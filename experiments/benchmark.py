@@ -295,6 +295,11 @@ POST_FAMILIES = (
 )
 
 
+def _paper_scale_reps(batch_size: int | None, reps: int, steps: int) -> tuple[int, int]:
+    """Repetitions and steps per repetition: fewer for VGG-19's slow steps (a fixed batch)."""
+    return (reps, steps) if batch_size is None else (3, 2)
+
+
 def _post_families() -> list[tuple[str, str, int | None]]:
     """The CPU-sized families; VGG-19 too with --paper_scale (default: with --full)."""
     paper = FLAGS.paper_scale if FLAGS.paper_scale is not None else FLAGS.full
@@ -324,7 +329,7 @@ def post_rejuvenation_cost(reps: int, steps: int) -> dict:
             state, reports[scheme] = _force_rejuvenation(trainer, state)
             cands[scheme] = (trainer.steps.train, state)
         report = reports["removed"]
-        n_reps, n_steps = (reps, steps) if batch_size is None else (3, 2)
+        n_reps, n_steps = _paper_scale_reps(batch_size, reps, steps)
         times = interleaved(cands, batch, n_reps, n_steps)
         c = report.counts_after
         v = {
@@ -368,10 +373,9 @@ def efficiency(reps: int, steps: int) -> dict:
         flops = float(cost.get("flops", 0.0))
         state, _ = _time_steps(trainer.steps.train, state, batch, 2)
         dts = []
-        for _ in range(reps if batch_size is None else 3):
-            state, dt = _time_steps(
-                trainer.steps.train, state, batch, steps if batch_size is None else 2
-            )
+        n_reps, n_steps = _paper_scale_reps(batch_size, reps, steps)
+        for _ in range(n_reps):
+            state, dt = _time_steps(trainer.steps.train, state, batch, n_steps)
             dts.append(dt)
         dt = statistics.median(dts)
         macs = nr_jax.count(trainer.graph).macs

@@ -664,25 +664,11 @@ class RunData:
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
         """Epoch `epoch` from its batch `start` on (a pure function of seed and epoch)."""
         c = self.config
+        kwargs = {"seed": c.seed, "epoch": epoch, "info": self.info, "augment": c.augment}
+        kwargs["start_batch"] = start
         if isinstance(self.train, _Limited):
-            return nr_data.train_batches_from_source(
-                self.train,
-                c.batch_size,
-                seed=c.seed,
-                epoch=epoch,
-                info=self.info,
-                augment=c.augment,
-                start_batch=start,
-            )
-        return nr_data.train_batches(
-            *self.train,
-            c.batch_size,
-            seed=c.seed,
-            epoch=epoch,
-            augment=c.augment,
-            info=self.info,
-            start_batch=start,
-        )
+            return nr_data.train_batches_from_source(self.train, c.batch_size, **kwargs)
+        return nr_data.train_batches(*self.train, c.batch_size, **kwargs)
 
     def test_batches(self) -> Iterator[dict]:
         c = self.config
