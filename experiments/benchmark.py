@@ -13,7 +13,9 @@ repetitions). Writes `benchmark.json` and `benchmark.md` into --out.
 4. post-rejuvenation cost: step time of the rejuvenated network with cross connections removed
    (two convolutions) and with cross-attention, against the dense network of the same allocated
    widths;
-5. efficiency: achieved FLOP/s of the train step (XLA cost analysis) against a measured matmul peak;
+5. efficiency: achieved FLOP/s of the train step (XLA cost analysis) against a measured matmul peak
+   (the best median of n x n matmuls, n in 1024-4096), and the same step with XLA's own
+   convolution kernel gradient instead of nr_jax's shifted matmuls (the CPU default), interleaved;
 6. input pipeline throughput (Fashion-MNIST in-memory arrays) against the train step's consumption;
 7. width granularity: train-step time per FLOP of a conv stack over a sweep of widths, and for each
    granularity g in {1, 2, 4, 8, 16} the expected step time when a target width is rounded up to a
@@ -57,6 +59,7 @@ from PIL import Image
 
 import nr_jax
 from nr_jax import data as nr_data
+from nr_jax import layers as nr_layers
 from nr_jax import train
 from nr_jax.config import base_config
 
@@ -350,34 +353,50 @@ def post_rejuvenation_cost(reps: int, steps: int) -> dict:
     return out
 
 
-def efficiency(reps: int, steps: int) -> dict:
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
+EFFICIENCY_FAMILIES = (("resnet20_cifar", "cifar10", None),)
+
+
+def matmul_peak(reps: int) -> dict:
+    """GFLOP/s of jitted float32 n x n matmuls: the median per n, and the best of them."""
+    per_n = {}
+    for n in (1024, 2048, 4096):
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        mm = jax.jit(lambda x: x @ x)
         mm(a).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    peak = 2 * n**3 / statistics.median(ts)
-    out = {"matmul_peak_gflops": peak / 1e9}
-    for model, dataset, batch_size in _post_families():
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            mm(a).block_until_ready()
+            ts.append(time.perf_counter() - t)
+        per_n[n] = 2 * n**3 / statistics.median(ts) / 1e9
+    return {"gflops_by_n": per_n, "gflops": max(per_n.values())}
+
+
+def efficiency(reps: int, steps: int) -> dict:
+    peak = matmul_peak(reps)
+    out: dict[str, Any] = {"matmul_peak_gflops": peak["gflops"], "matmul_peak": peak}
+    families = _post_families()
+    for model, dataset, batch_size in families[:2] + list(EFFICIENCY_FAMILIES) + families[2:]:
         info = nr_data.DATASET_INFO[dataset]
         n = batch_size or FLAGS.batch
         batch = _batch(n, info.image_shape[0], info.image_shape[2])
-        trainer, state = _trainer(model, dataset=dataset, batch=batch_size)
-        compiled = trainer.steps.train.lower(state, batch).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops = float(cost.get("flops", 0.0))
-        state, _ = _time_steps(trainer.steps.train, state, batch, 2)
-        dts = []
+        cands, flops = {}, 0.0
+        try:
+            for mode in ("xla", "auto"):
+                nr_layers.set_conv_weight_grad(mode)
+                trainer, state = _trainer(model, dataset=dataset, batch=batch_size)
+                if mode == "auto":
+                    compiled = trainer.steps.train.lower(state, batch).compile()
+                    cost = compiled.cost_analysis()
+                    cost = cost[0] if isinstance(cost, list) else cost
+                    flops = float(cost.get("flops", 0.0))
+                state, _ = _time_steps(trainer.steps.train, state, batch, 1)  # traced here
+                cands[mode] = (trainer.steps.train, state)
+        finally:
+            nr_layers.set_conv_weight_grad("auto")
         n_reps, n_steps = _paper_scale_reps(batch_size, reps, steps)
-        for _ in range(n_reps):
-            state, dt = _time_steps(trainer.steps.train, state, batch, n_steps)
-            dts.append(dt)
-        dt = statistics.median(dts)
+        times = interleaved(cands, batch, n_reps, n_steps)
+        dt = times["auto"]
         macs = nr_jax.count(trainer.graph).macs
         out[model] = {
             "xla_flops_per_step": flops,
@@ -386,7 +405,9 @@ def efficiency(reps: int, steps: int) -> dict:
             "ms_per_step": 1e3 * dt,
             "images_per_s": n / dt,
             "achieved_gflops": flops / dt / 1e9,
-            "fraction_of_peak": flops / dt / peak,
+            "fraction_of_peak": flops / dt / (peak["gflops"] * 1e9),
+            "ms_per_step_xla_kernel_grad": 1e3 * times["xla"],
+            "speedup_vs_xla_kernel_grad": times["xla"] / dt,
         }
     return out
 
@@ -947,15 +968,20 @@ def markdown(r: dict) -> str:
             "",
             f"Matmul peak: {e['matmul_peak_gflops']:.0f} GFLOP/s",
             "",
-            "| efficiency | batch | images/s | achieved GFLOP/s | fraction of peak |",
-            "|---|---|---|---|---|",
+            "| efficiency | batch | images/s | achieved GFLOP/s | fraction of peak | "
+            "step ms | with XLA's kernel gradient ms | speed-up |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for m in (k for k in e if k != "matmul_peak_gflops"):
+        for m in (k for k in e if not k.startswith("matmul_peak")):
             v = e[m]
+            xla = v.get("ms_per_step_xla_kernel_grad")
+            xla_ms, speedup = "-", "-"
+            if xla is not None:
+                xla_ms, speedup = f"{xla:.1f}", f"{v['speedup_vs_xla_kernel_grad']:.2f}x"
             lines.append(
                 f"| {m} | {v.get('batch', r['batch'])} | {v['images_per_s']:.0f} | "
-                f"{v['achieved_gflops']:.1f} | "
-                f"{100 * v['fraction_of_peak']:.0f}% |"
+                f"{v['achieved_gflops']:.1f} | {100 * v['fraction_of_peak']:.0f}% | "
+                f"{v['ms_per_step']:.1f} | {xla_ms} | {speedup} |"
             )
     if "pipeline" in r:
         lines += ["", "| input pipeline | images/s | x step consumption |", "|---|---|---|"]

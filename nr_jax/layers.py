@@ -33,7 +33,9 @@ Models take a `widths: WidthSpec` field (hashable) and build their units through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -94,12 +96,105 @@ class WidthSpec:
         return cls.from_dict({k: UnitWidth(**v) for k, v in json.loads(text).items()})
 
 
-def _conv(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
-    k_h, k_w = kernel.shape[:2]
-    padding = ((k_h // 2, k_h // 2), (k_w // 2, k_w // 2))  # PyTorch's symmetric padding
+CONV_WEIGHT_GRADS = ("auto", "matmul", "xla")
+_conv_weight_grad = os.environ.get("NR_JAX_CONV_WEIGHT_GRAD", "auto")
+
+
+def set_conv_weight_grad(mode: str) -> None:
+    """Chooses how every NR convolution computes its kernel gradient.
+
+    * ``"auto"`` (default): shifted matmuls on CPU, XLA's own convolution gradient elsewhere.
+    * ``"matmul"``: shifted matmuls on every platform.
+    * ``"xla"``: XLA's convolution gradient everywhere (a plain `lax.conv_general_dilated`).
+
+    XLA's CPU backend computes the kernel gradient of a 3x3 convolution 3-20x slower than its
+    forward pass at large feature maps (`experiments/benchmark.py --sections conv_grad`); the
+    gradient is a sum over the k*k kernel taps of (input shifted by the tap)^T @ output
+    gradient, i.e. k*k matmuls, which the CPU runs near its matmul speed. Forward pass and input
+    gradient stay XLA's. Takes effect for steps traced after the call (jit caches keep their
+    traces); the environment variable ``NR_JAX_CONV_WEIGHT_GRAD`` sets it at import.
+    """
+    global _conv_weight_grad
+    if mode not in CONV_WEIGHT_GRADS:
+        raise ValueError(f"conv weight gradient must be one of {CONV_WEIGHT_GRADS}, got {mode!r}")
+    _conv_weight_grad = mode
+
+
+def _padding(k_h: int, k_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    return ((k_h // 2, k_h // 2), (k_w // 2, k_w // 2))  # PyTorch's symmetric padding
+
+
+def _xla_conv(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
     return jax.lax.conv_general_dilated(
-        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x, kernel, strides, _padding(*kernel.shape[:2]), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+
+
+def _kernel_grad_matmul(
+    x: Array, dy: Array, kernel_shape: tuple[int, ...], strides: tuple[int, int]
+) -> Array:
+    """dL/dW[i, j] = sum over batch and positions of x shifted by tap (i, j) times dy."""
+    k_h, k_w, c_in, c_out = kernel_shape
+    (p_h, _), (p_w, _) = _padding(k_h, k_w)
+    s_h, s_w = strides
+    _, h_out, w_out, _ = dy.shape
+    xp = jnp.pad(x, ((0, 0), (p_h, p_h), (p_w, p_w), (0, 0)))
+    dy2 = dy.reshape(-1, c_out)
+    taps = []
+    for i in range(k_h):
+        for j in range(k_w):
+            tap = xp[:, i : i + s_h * (h_out - 1) + 1 : s_h, j : j + s_w * (w_out - 1) + 1 : s_w]
+            taps.append(
+                jax.lax.dot_general(
+                    tap.reshape(-1, c_in),
+                    dy2,
+                    (((0,), (0,)), ((), ())),
+                    preferred_element_type=jnp.float32,
+                )
+            )
+    return jnp.stack(taps).reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_mm(x: Array, kernel: Array, strides: tuple[int, int], everywhere: bool) -> Array:
+    return _xla_conv(x, kernel, strides)
+
+
+def _conv_mm_fwd(
+    x: Array, kernel: Array, strides: tuple[int, int], everywhere: bool
+) -> tuple[Array, tuple[Array, Array]]:
+    return _xla_conv(x, kernel, strides), (x, kernel)
+
+
+def _conv_mm_bwd(
+    strides: tuple[int, int], everywhere: bool, res: tuple[Array, Array], dy: Array
+) -> tuple[Array, Array]:
+    x, kernel = res
+    _, input_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, strides), x)
+    (dx,) = input_vjp(dy)
+
+    def matmul(x: Array, kernel: Array, dy: Array) -> Array:
+        return _kernel_grad_matmul(x, dy, kernel.shape, strides).astype(kernel.dtype)
+
+    def xla(x: Array, kernel: Array, dy: Array) -> Array:
+        _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k, strides), kernel)
+        return kernel_vjp(dy)[0]
+
+    if everywhere:
+        dw = matmul(x, kernel, dy)
+    else:
+        dw = jax.lax.platform_dependent(x, kernel, dy, cpu=matmul, default=xla)
+    return dx, dw
+
+
+_conv_mm.defvjp(_conv_mm_fwd, _conv_mm_bwd)
+
+
+def _conv(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
+    """Convolution of an NR unit; its kernel gradient as `set_conv_weight_grad` chose."""
+    if _conv_weight_grad == "xla":
+        return _xla_conv(x, kernel, strides)
+    return _conv_mm(x, kernel, tuple(strides), _conv_weight_grad == "matmul")
 
 
 class NRConv(nn.Module):

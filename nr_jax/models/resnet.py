@@ -226,6 +226,9 @@ register("resnet50")(functools.partial(_imagenet, (3, 4, 6, 3), "bottleneck"))
 register("resnet101")(functools.partial(_imagenet, (3, 4, 23, 3), "bottleneck"))
 # Tiny variants for tests: a 3-stage bottleneck net (2 blocks per stage, planes 4/8/16, streams
 # 16/32/64) and a 2-stage basic-block net (2 blocks per stage, widths 8/16).
+# ResNet-20 (He et al. 2016, CIFAR: 3 stages of 3 basic blocks, widths 16/32/64), with 1x1
+# projection shortcuts where the shape changes (option B); the reference net of performance-notes.
+register("resnet20_cifar")(functools.partial(_cifar, 3, (16, 32, 64), "basic"))
 register("resnet_tiny_cifar")(functools.partial(_cifar, 2, (4, 8, 16)))
 register("resnet_tiny_basic")(functools.partial(_cifar, 2, (8, 16), "basic"))
 # CPU-sized bottleneck ResNet-20 for the Fashion-MNIST table (56,610 params, 6.4M MACs at 28x28)

@@ -1,0 +1,106 @@
+"""The convolution of NR units: its kernel gradient from shifted matmuls equals XLA's."""
+
+import chex
+import helpers
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import nr_jax
+from nr_jax import layers
+
+
+def _grads(conv, x, w, strides):
+    def loss(x, w):
+        return jnp.sum(jnp.sin(conv(x, w, strides)))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+
+@pytest.mark.parametrize(
+    "shape, k, s",
+    [
+        ((2, 7, 9, 3), 3, 1),
+        ((2, 8, 8, 4), 3, 2),
+        ((2, 9, 9, 4), 1, 2),
+        ((1, 5, 6, 2), 5, 1),
+        ((2, 6, 6, 3), 3, 3),
+        ((3, 7, 7, 5), 7, 2),
+        ((2, 4, 4, 6), 1, 1),
+    ],
+)
+@pytest.mark.parametrize("everywhere", [True, False])
+def test_kernel_gradient_equals_xla(shape, k, s, everywhere):
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (k, k, shape[-1], 5))
+    ref = _grads(layers._xla_conv, x, w, (s, s))
+    got = _grads(lambda x, w, st: layers._conv_mm(x, w, st, everywhere), x, w, (s, s))
+    chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-5)
+    # the forward pass is XLA's own convolution
+    chex.assert_trees_all_equal(
+        layers._conv_mm(x, w, (s, s), everywhere), layers._xla_conv(x, w, (s, s))
+    )
+
+
+def test_kernel_gradient_bfloat16():
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 16, 8)) * 0.1
+    ref = jax.grad(lambda w: jnp.sum(layers._xla_conv(x, w, (1, 1)) ** 2))(w)
+
+    def loss(w):
+        y = layers._conv_mm(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), True)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    got = jax.jit(jax.grad(loss))(w)
+    assert got.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    assert rel < 2e-2, rel
+
+
+@pytest.mark.parametrize(
+    "model, hw, scheme",
+    [("resnet_tiny_basic", 16, None), ("vgg_tiny", 16, "removed"), ("vgg_tiny", 16, "attention")],
+)
+def test_model_gradients_equal_in_every_mode(model, hw, scheme):
+    kwargs = {} if scheme is None else {"scheme": scheme}
+    net = nr_jax.models.get(model, num_classes=10, **kwargs)
+    x = jax.random.normal(jax.random.key(0), (4, hw, hw, 3))
+    variables = helpers.init(net, jax.random.key(1), x)
+    if scheme is not None:  # a rejuvenated network: every unit split [survivors, new]
+        graph = nr_jax.channel_graph(net, (1, hw, hw, 3))
+        variables, _ = helpers.random_gammas(variables, graph, seed=0)
+        res = nr_jax.rejuvenate(jax.random.key(2), net, variables, None, optax.identity(), graph)
+        net, variables = res.model, res.variables
+        assert any(w.out_split for w in net.widths.as_dict().values())
+
+    def loss(params):
+        out, _ = net.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(out))
+
+    grads = {}
+    try:
+        for mode in ("xla", "auto", "matmul"):
+            layers.set_conv_weight_grad(mode)
+            grads[mode] = jax.jit(jax.grad(loss))(variables["params"])
+    finally:
+        layers.set_conv_weight_grad("auto")
+    chex.assert_trees_all_close(grads["auto"], grads["xla"], rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(grads["matmul"], grads["xla"], rtol=1e-4, atol=1e-5)
+
+
+def test_set_conv_weight_grad_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="conv weight gradient must be one of"):
+        layers.set_conv_weight_grad("fast")
+    assert layers._conv_weight_grad == "auto"
+
+
+def test_auto_mode_lowers_to_xla_convolutions_off_cpu():
+    """On GPU the kernel gradient stays XLA's convolution (cuDNN); on CPU it is dot_generals."""
+    x = jnp.ones((2, 8, 8, 4))
+    w = jnp.ones((3, 3, 4, 6))
+    f = jax.jit(jax.grad(lambda w: jnp.sum(layers._conv_mm(x, w, (1, 1), False)), argnums=0))
+    text = {p: jax.export.export(f, platforms=(p,))(w).mlir_module() for p in ("cpu", "cuda")}
+    assert text["cpu"].count("stablehlo.dot_general") == 9  # one per kernel tap
+    assert "stablehlo.dot_general" not in text["cuda"]
+    assert text["cuda"].count("stablehlo.convolution") == 1  # the kernel-gradient convolution
