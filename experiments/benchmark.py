@@ -40,6 +40,8 @@ import pickle
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -83,6 +85,13 @@ flags.DEFINE_boolean(
     None,
     "Also VGG-19 at CIFAR size (widths 64-512) in the post and efficiency sections (batch 16; 32 "
     "with --full); several minutes. Default: with --full.",
+)
+flags.DEFINE_string(
+    "torch_python",
+    None,
+    "A Python interpreter with PyTorch: the efficiency section then times the equivalent PyTorch "
+    "CPU steps (experiments/torch_reference.py) in a subprocess. Default: this interpreter if it "
+    "imports torch, else no PyTorch comparison.",
 )
 flags.DEFINE_boolean(
     "imagenet_step",
@@ -372,6 +381,29 @@ def matmul_peak(reps: int) -> dict:
     return {"gflops_by_n": per_n, "gflops": max(per_n.values())}
 
 
+def _torch_python() -> str | None:
+    if FLAGS.torch_python:
+        return FLAGS.torch_python
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    return sys.executable
+
+
+def pytorch_reference(families: list[tuple[str, int]], reps: int, steps: int) -> dict:
+    """Images/s of the equivalent PyTorch steps (`experiments/torch_reference.py`), or why not."""
+    python = _torch_python()
+    if python is None:
+        return {"skipped": "PyTorch not installed (pass --torch_python)"}
+    spec = json.dumps({"families": families, "reps": reps, "steps": steps})
+    script = Path(__file__).with_name("torch_reference.py")
+    done = subprocess.run([python, str(script), spec], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{python} {script} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def efficiency(reps: int, steps: int) -> dict:
     peak = matmul_peak(reps)
     out: dict[str, Any] = {"matmul_peak_gflops": peak["gflops"], "matmul_peak": peak}
@@ -409,6 +441,13 @@ def efficiency(reps: int, steps: int) -> dict:
             "ms_per_step_xla_kernel_grad": 1e3 * times["xla"],
             "speedup_vs_xla_kernel_grad": times["xla"] / dt,
         }
+    measured = [(m, v["batch"]) for m, v in out.items() if not m.startswith("matmul_peak")]
+    torch_reps = (3, 2) if any(b != FLAGS.batch for _, b in measured) else (reps, steps)
+    ref = pytorch_reference(measured, *torch_reps)
+    out["pytorch"] = ref
+    for m, v in ref.get("families", {}).items():
+        out[m]["pytorch_images_per_s"] = v["images_per_s"]
+        out[m]["vs_pytorch"] = out[m]["images_per_s"] / v["images_per_s"]
     return out
 
 
@@ -969,10 +1008,10 @@ def markdown(r: dict) -> str:
             f"Matmul peak: {e['matmul_peak_gflops']:.0f} GFLOP/s",
             "",
             "| efficiency | batch | images/s | achieved GFLOP/s | fraction of peak | "
-            "step ms | with XLA's kernel gradient ms | speed-up |",
-            "|---|---|---|---|---|---|---|---|",
+            "step ms | with XLA's kernel gradient ms | speed-up | PyTorch images/s | vs PyTorch |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for m in (k for k in e if not k.startswith("matmul_peak")):
+        for m in (k for k in e if not k.startswith("matmul_peak") and k != "pytorch"):
             v = e[m]
             xla = v.get("ms_per_step_xla_kernel_grad")
             xla_ms, speedup = "-", "-"
@@ -981,8 +1020,18 @@ def markdown(r: dict) -> str:
             lines.append(
                 f"| {m} | {v.get('batch', r['batch'])} | {v['images_per_s']:.0f} | "
                 f"{v['achieved_gflops']:.1f} | {100 * v['fraction_of_peak']:.0f}% | "
-                f"{v['ms_per_step']:.1f} | {xla_ms} | {speedup} |"
+                f"{v['ms_per_step']:.1f} | {xla_ms} | {speedup} | "
+                f"{v.get('pytorch_images_per_s', float('nan')):.0f} | "
+                f"{v.get('vs_pytorch', float('nan')):.2f}x |"
             )
+        ref = e.get("pytorch", {})
+        lines += [
+            "",
+            f"PyTorch: {ref['skipped']}"
+            if "skipped" in ref
+            else f"PyTorch {ref.get('torch')} CPU, {ref.get('threads')} threads, eager, the faster "
+            "of NCHW and channels-last, same nets and optimiser, timed after the JAX steps.",
+        ]
     if "pipeline" in r:
         lines += ["", "| input pipeline | images/s | x step consumption |", "|---|---|---|"]
         for k, v in r["pipeline"].items():

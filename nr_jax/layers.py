@@ -401,11 +401,53 @@ def passthrough(fn: Callable[[Array], Array], x: Array) -> Array:
     return _tracking.passthrough(x, fn(x))
 
 
+def _pool_windows(x: Array, window: int) -> Array:
+    """(B, H, W, C) -> (B, H//k, W//k, C, k*k): the non-overlapping k x k windows."""
+    b, h, w, c = x.shape
+    h_out, w_out = h // window, w // window
+    blocks = x[:, : h_out * window, : w_out * window]
+    blocks = blocks.reshape(b, h_out, window, w_out, window, c).transpose(0, 1, 3, 5, 2, 4)
+    return blocks.reshape(b, h_out, w_out, c, window * window)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _block_max_pool(x: Array, window: int) -> Array:
+    return _pool_windows(x, window).max(axis=-1)
+
+
+def _block_max_pool_fwd(x: Array, window: int) -> tuple[Array, tuple[Array, tuple[int, ...]]]:
+    windows = _pool_windows(x, window)
+    first_max = jnp.argmax(windows, axis=-1).astype(jnp.int32)
+    return windows.max(axis=-1), (first_max, x.shape)
+
+
+def _block_max_pool_bwd(window: int, res: tuple[Array, tuple[int, ...]], dy: Array) -> tuple[Array]:
+    first_max, (b, h, w, c) = res
+    h_out, w_out = h // window, w // window
+    taps = jnp.arange(window * window, dtype=jnp.int32).reshape(1, 1, 1, 1, -1)
+    g = jnp.where(first_max[..., None] == taps, dy[..., None], jnp.zeros((), dy.dtype))
+    g = g.reshape(b, h_out, w_out, c, window, window).transpose(0, 1, 4, 2, 5, 3)
+    g = g.reshape(b, h_out * window, w_out * window, c)
+    return (jnp.pad(g, ((0, 0), (0, h - h_out * window), (0, w - w_out * window), (0, 0))),)
+
+
+_block_max_pool.defvjp(_block_max_pool_fwd, _block_max_pool_bwd)
+
+
 def max_pool(
     x: Array, window: int = 2, strides: int | None = None, padding: Any = "VALID"
 ) -> Array:
-    """Max pooling over H, W (channel-preserving)."""
+    """Max pooling over H, W (channel-preserving).
+
+    Non-overlapping windows without padding (window == strides, "VALID": every VGG pool) take a
+    reshape and a max, and route the gradient to each window's first maximum, as `nn.max_pool`
+    does, in one elementwise pass; `nn.max_pool`'s gradient (a variadic reduce-window over index
+    iotas, then a scatter) is 2.5-4.5x slower on CPU and took about a fifth of a `vgg_fmnist`
+    step. Other pools are `nn.max_pool`.
+    """
     s = strides or window
+    if s == window and isinstance(padding, str) and padding.upper() == "VALID":
+        return _tracking.passthrough(x, _block_max_pool(x, window))
     return _tracking.passthrough(x, nn.max_pool(x, (window, window), (s, s), padding))
 
 

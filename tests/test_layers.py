@@ -1,6 +1,7 @@
 """The convolution of NR units: its kernel gradient from shifted matmuls equals XLA's."""
 
 import chex
+import flax.linen as nn
 import helpers
 import jax
 import jax.numpy as jnp
@@ -104,3 +105,27 @@ def test_auto_mode_lowers_to_xla_convolutions_off_cpu():
     assert text["cpu"].count("stablehlo.dot_general") == 9  # one per kernel tap
     assert "stablehlo.dot_general" not in text["cuda"]
     assert text["cuda"].count("stablehlo.convolution") == 1  # the kernel-gradient convolution
+
+
+@pytest.mark.parametrize("shape, window", [((2, 8, 8, 3), 2), ((2, 9, 7, 4), 2), ((1, 9, 9, 2), 3)])
+def test_max_pool_matches_flax(shape, window):
+    """Values and gradients equal nn.max_pool's, ties (ReLU zeros) included."""
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
+    ref = lambda x: nn.max_pool(x, (window, window), (window, window), "VALID")  # noqa: E731
+    chex.assert_trees_all_equal(layers.max_pool(x, window), ref(x))
+
+    def grad(pool):
+        return jax.grad(lambda x: jnp.sum(jnp.sin(pool(x))))(x)
+
+    chex.assert_trees_all_equal(grad(lambda x: layers.max_pool(x, window)), grad(ref))
+    # a window of equal values sends its whole gradient to the first one
+    g = jax.grad(lambda x: jnp.sum(layers.max_pool(x, 2)))(jnp.zeros((1, 2, 2, 1)))
+    chex.assert_trees_all_equal(g[0, :, :, 0], jnp.array([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_overlapping_max_pool_is_flax():
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    pads = ((1, 1), (1, 1))
+    chex.assert_trees_all_equal(
+        layers.max_pool(x, 3, 2, pads), nn.max_pool(x, (3, 3), (2, 2), pads)
+    )
