@@ -16,6 +16,7 @@ from nr_jax.layers import (
     WidthSpec,
     classifier_unit,
     conv_unit,
+    set_conv_weight_grad,
 )
 from nr_jax.liveness import Counts, Liveness, Utilization, count, liveness, utilization
 from nr_jax.schemes import head_logits, nr_loss, predict
@@ -66,6 +67,7 @@ __all__ = [
     "predict",
     "rejuvenate",
     "rounded_allocation",
+    "set_conv_weight_grad",
     "set_lambda",
     "sqrt_allocation",
     "utilization",

@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from nr_jax.layers import CONV_WEIGHT_GRADS
+
 
 class ConfigError(ValueError):
     """A configuration field has a value that is not allowed."""
@@ -64,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.compress_only = False  # stop right after rejuvenation (ImageNet two-step flow, step 1)
 
     c.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 params and BN statistics)
+    # conv kernel gradient (nr_jax.layers.set_conv_weight_grad): "auto" = shifted matmuls on CPU,
+    # XLA's elsewhere; "matmul"; "xla"
+    c.conv_weight_grad = "auto"
     c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off)
     c.data_parallel = True  # shard the batch over all devices (jax.sharding Mesh), state replicated
     c.distributed = False  # multi-host: jax.distributed.initialize() first (env: coordinator, ids)
@@ -114,6 +119,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail(field, config[field], "an integer >= 0 (0 = all examples / off)")
     if config.preset not in ("improved", "official"):
         _fail("preset", config.preset, "'improved' or 'official'")
+    if config.conv_weight_grad not in CONV_WEIGHT_GRADS:
+        _fail("conv_weight_grad", config.conv_weight_grad, f"one of {CONV_WEIGHT_GRADS}")
     if config.compute_dtype not in ("float32", "bfloat16"):
         _fail("compute_dtype", config.compute_dtype, "'float32' or 'bfloat16'")
     if config.optimizer not in ("sgd", "adamw"):

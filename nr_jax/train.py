@@ -31,7 +31,7 @@ from nr_jax import faults, models
 from nr_jax.checkpoint import Checkpointer, CheckpointError
 from nr_jax.config import validate
 from nr_jax.graph import ChannelGraph, channel_graph
-from nr_jax.layers import MASKS, WidthSpec
+from nr_jax.layers import MASKS, WidthSpec, set_conv_weight_grad
 from nr_jax.liveness import count, liveness, utilization
 from nr_jax.schemes import head_logits, nr_loss
 from nr_jax.sparsity import get_lambda, l1_bn_scales, set_lambda
@@ -520,6 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate(config)
     primary = jax.process_index() == 0  # writes the run's files (checkpoints: every process)
     os.makedirs(workdir, exist_ok=True)
+    set_conv_weight_grad(config.conv_weight_grad)  # before any step is traced
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

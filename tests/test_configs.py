@@ -40,6 +40,7 @@ BAD = [
     ("lr_milestones", (5, 3), "config.lr_milestones"),
     ("train_limit", -1, "config.train_limit"),
     ("checkpoint_every_steps", -8, "config.checkpoint_every_steps"),
+    ("conv_weight_grad", "cudnn", "config.conv_weight_grad"),
     ("nr.target", 1.0, "config.nr.target"),
     ("nr.target", 0.0, "config.nr.target"),
     ("nr.lam", -1e-4, "config.nr.lam"),
