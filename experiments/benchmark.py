@@ -441,7 +441,8 @@ def efficiency(reps: int, steps: int) -> dict:
     peak = matmul_peak(2 * reps)
     out: dict[str, Any] = {"matmul_peak_gflops": peak["gflops"], "matmul_peak": peak}
     families = _post_families()
-    for model, dataset, batch_size in families[:2] + list(EFFICIENCY_FAMILIES) + families[2:]:
+    extra = list(EFFICIENCY_FAMILIES) if len(families) > 2 else []  # with --paper_scale / --full
+    for model, dataset, batch_size in families[:2] + extra + families[2:]:
         info = nr_data.DATASET_INFO[dataset]
         n = batch_size or FLAGS.batch
         batch = _batch(n, info.image_shape[0], info.image_shape[2])
@@ -475,7 +476,7 @@ def efficiency(reps: int, steps: int) -> dict:
             "speedup_vs_xla_kernel_grad": times["xla"] / dt,
         }
     measured = [(m, v["batch"]) for m, v in out.items() if not m.startswith("matmul_peak")]
-    torch_reps = (3, 2) if any(b != FLAGS.batch for _, b in measured) else (reps, 3)
+    torch_reps = (3, 2) if any(b != FLAGS.batch for _, b in measured) else (max(reps, 5), 3)
     ref = pytorch_reference(measured, *torch_reps)
     out["pytorch"] = ref
     for m, v in ref.get("families", {}).items():
@@ -1092,7 +1093,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
     os.makedirs(FLAGS.out, exist_ok=True)
-    reps, steps = (7, 10) if FLAGS.full else (5, 5)
+    reps, steps = (7, 10) if FLAGS.full else (3, 5)
     t0 = time.time()
     r: dict[str, Any] = {
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -1104,14 +1105,14 @@ def main(argv: list[str]) -> None:
     }
     step_rate = None
     sections: dict[str, Callable[[], Any]] = {
-        "watching": lambda: watching_overhead(3 * reps, 3),
+        "watching": lambda: watching_overhead(25 if FLAGS.full else 10, 3),
         "compilations": compilations,
         "latency": lambda: rejuvenation_latency(9 if FLAGS.full else 5),
         "post": lambda: post_rejuvenation_cost(reps, steps),
         "efficiency": lambda: efficiency(reps, steps),
         "pipeline": lambda: input_pipeline(step_rate),
         "granularity": lambda: width_granularity(
-            range(25, 81) if FLAGS.full else range(33, 65), 9 if FLAGS.full else 7, 1
+            range(25, 81) if FLAGS.full else range(33, 65), 9 if FLAGS.full else 5, 1
         ),
         "pipeline_images": lambda: image_pipelines(reps, steps),
     }
