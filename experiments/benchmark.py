@@ -349,8 +349,8 @@ def _post_families() -> list[tuple[str, str, int | None]]:
 def post_rejuvenation_cost(reps: int, steps: int) -> dict:
     """Step time after rejuvenation at U about 0.25, per scheme, against the dense network.
 
-    The four-convolution attention is timed with --full only (it measured within 6% of the
-    two-convolution form); VGG-19 runs the removed and dense schemes only (its steps are slow).
+    The four-convolution attention is timed with --full, and for ResNet-50 (--imagenet_post);
+    VGG-19 runs the removed and dense schemes only (its steps are slow).
     """
     out = {}
     families = _post_families()

@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.lam_step = 5e-5
     c.nr.lam_threshold = 0.01
     c.nr.lam_after = 0.0  # λ after rejuvenation (official: 0)
-    c.nr.scheme = "removed"  # mixing old/new neurons: "removed" (cross connections) or "attention"
+    c.nr.scheme = "removed"  # old/new neurons: "removed" (cross connections), "attention(4)"
     c.nr.resource = "params"  # budget measure: "params" or "flops"
     c.nr.threshold = 1e-2  # channel live iff |γ| >= threshold * max |γ| of its unit
     c.nr.dead_threshold = 1e-3  # unit all-dead iff max |γ| < dead_threshold
