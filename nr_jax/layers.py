@@ -97,7 +97,7 @@ class WidthSpec:
 
 
 CONV_WEIGHT_GRADS = ("auto", "matmul", "xla")
-_conv_weight_grad = os.environ.get("NR_JAX_CONV_WEIGHT_GRAD", "auto")
+_conv_weight_grad = "auto"  # set through set_conv_weight_grad (validated), below
 
 
 def set_conv_weight_grad(mode: str) -> None:
@@ -108,7 +108,8 @@ def set_conv_weight_grad(mode: str) -> None:
     * ``"xla"``: XLA's convolution gradient everywhere (a plain `lax.conv_general_dilated`).
 
     XLA's CPU backend computes the kernel gradient of a 3x3 convolution 3-20x slower than its
-    forward pass at large feature maps (`experiments/benchmark.py --sections conv_grad`); the
+    forward pass at large feature maps (the efficiency section of `experiments/benchmark.py`
+    times both); the
     gradient is a sum over the k*k kernel taps of (input shifted by the tap)^T @ output
     gradient, i.e. k*k matmuls, which the CPU runs near its matmul speed. Forward pass and input
     gradient stay XLA's. Takes effect for steps traced after the call (jit caches keep their
@@ -118,6 +119,9 @@ def set_conv_weight_grad(mode: str) -> None:
     if mode not in CONV_WEIGHT_GRADS:
         raise ValueError(f"conv weight gradient must be one of {CONV_WEIGHT_GRADS}, got {mode!r}")
     _conv_weight_grad = mode
+
+
+set_conv_weight_grad(os.environ.get("NR_JAX_CONV_WEIGHT_GRAD", "auto"))
 
 
 def _padding(k_h: int, k_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -442,8 +446,8 @@ def max_pool(
     Non-overlapping windows without padding (window == strides, "VALID": every VGG pool) take a
     reshape and a max, and route the gradient to each window's first maximum, as `nn.max_pool`
     does, in one elementwise pass; `nn.max_pool`'s gradient (a variadic reduce-window over index
-    iotas, then a scatter) is 2.5-4.5x slower on CPU and took about a fifth of a `vgg_fmnist`
-    step. Other pools are `nn.max_pool`.
+    iotas, then a scatter) is 2.5-4.5x slower on CPU and was about 40 ms of kernel time in a
+    130 ms `vgg_fmnist` step. Other pools are `nn.max_pool`.
     """
     s = strides or window
     if s == window and isinstance(padding, str) and padding.upper() == "VALID":
