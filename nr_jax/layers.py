@@ -134,7 +134,45 @@ def _xla_conv(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
     )
 
 
+# Batch chunk of the shifted-matmul kernel gradient, in bytes of input (see _kernel_grad_matmul).
+DW_CHUNK_BYTES = 1 << 20
+DW_CHUNK_MIN_ROWS = 512
+
+
 def _kernel_grad_matmul(
+    x: Array, dy: Array, kernel_shape: tuple[int, ...], strides: tuple[int, int]
+) -> Array:
+    """dL/dW, summed over chunks of the batch of about `DW_CHUNK_BYTES` of input each.
+
+    The k*k shifted copies of a whole batch's input outgrow the CPU's caches at large maps (9
+    copies of 4 MB for 64 images of 32x32x16); chunked by a `lax.scan`, the copies of one chunk
+    are consumed while cached. Measured on the 2-core CPU, batch 64, one 3x3 layer's kernel
+    gradient: 32x32, 16 -> 16 channels 37 -> 9 ms; 32x32, 66 -> 76 channels 189 -> 84 ms.
+    """
+    b = x.shape[0]
+    n = _batch_chunk(b, x.size // b * x.dtype.itemsize, dy.shape[1] * dy.shape[2])
+    if n == b:
+        return _kernel_grad_taps(x, dy, kernel_shape, strides)
+
+    def chunk(acc: Array, xy: tuple[Array, Array]) -> tuple[Array, None]:
+        return acc + _kernel_grad_taps(xy[0], xy[1], kernel_shape, strides), None
+
+    chunks = (x.reshape(b // n, n, *x.shape[1:]), dy.reshape(b // n, n, *dy.shape[1:]))
+    return jax.lax.scan(chunk, jnp.zeros(kernel_shape, jnp.float32), chunks)[0]
+
+
+def _batch_chunk(batch: int, image_bytes: int, out_positions: int) -> int:
+    """Images per chunk: a divisor of the batch near `DW_CHUNK_BYTES` of input, but with at
+    least `DW_CHUNK_MIN_ROWS` output positions (smaller matmuls lose more than the cache gains:
+    8x8 maps, 538 -> 542 channels, batch 16, ran 1.3x slower in chunks of 256 rows)."""
+    divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+    n = max([d for d in divisors if d * image_bytes <= DW_CHUNK_BYTES], default=1)
+    if n * out_positions < DW_CHUNK_MIN_ROWS:
+        n = min(d for d in divisors if d * out_positions >= DW_CHUNK_MIN_ROWS or d == batch)
+    return n
+
+
+def _kernel_grad_taps(
     x: Array, dy: Array, kernel_shape: tuple[int, ...], strides: tuple[int, int]
 ) -> Array:
     """dL/dW[i, j] = sum over batch and positions of x shifted by tap (i, j) times dy."""

@@ -44,6 +44,27 @@ def test_kernel_gradient_equals_xla(shape, k, s, everywhere):
     )
 
 
+@pytest.mark.parametrize(
+    "batch, chunk_images, k, s",
+    [(6, 4, 3, 1), (5, 2, 3, 2), (8, 2, 1, 1), (4, 1, 5, 1)],  # uneven, prime, 1x1, 1 image
+)
+def test_kernel_gradient_in_batch_chunks(monkeypatch, batch, chunk_images, k, s):
+    """Chunked over the batch (a scan), the kernel gradient still equals XLA's."""
+    x = jax.random.normal(jax.random.key(0), (batch, 9, 9, 3))
+    w = jax.random.normal(jax.random.key(1), (k, k, 3, 5))
+    monkeypatch.setattr(layers, "DW_CHUNK_BYTES", chunk_images * 9 * 9 * 3 * 4)
+    monkeypatch.setattr(layers, "DW_CHUNK_MIN_ROWS", 1)
+    dy = jnp.ones((batch, -(-9 // s), -(-9 // s), 5))
+    jaxpr = jax.make_jaxpr(lambda x, dy: layers._kernel_grad_matmul(x, dy, w.shape, (s, s)))
+    assert "scan" in str(jaxpr(x, dy))  # chunked, not one pass over the batch
+    assert layers._batch_chunk(batch, 9 * 9 * 3 * 4, 81) == max(
+        d for d in range(1, chunk_images + 1) if batch % d == 0
+    )
+    ref = _grads(layers._xla_conv, x, w, (s, s))
+    got = _grads(lambda x, w, st: layers._conv_mm(x, w, st, True), x, w, (s, s))
+    chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_gradient_bfloat16():
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
     w = jax.random.normal(jax.random.key(1), (3, 3, 16, 8)) * 0.1
@@ -129,3 +150,13 @@ def test_overlapping_max_pool_is_flax():
     chex.assert_trees_all_equal(
         layers.max_pool(x, 3, 2, pads), nn.max_pool(x, (3, 3), (2, 2), pads)
     )
+
+
+def test_batch_chunk_sizes(monkeypatch):
+    monkeypatch.setattr(layers, "DW_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(layers, "DW_CHUNK_MIN_ROWS", 512)
+    assert layers._batch_chunk(64, 50_176, 784) == 16  # 28x28x16 maps: 16 images = 0.8 MB
+    assert layers._batch_chunk(16, 581_632, 1024) == 1  # one 32x32x142 image already fills it
+    assert layers._batch_chunk(16, 137_728, 64) == 8  # 8x8 maps: 4 images are only 256 rows
+    assert layers._batch_chunk(13, 2 << 20, 1024) == 1  # prime batch, image over the chunk
+    assert layers._batch_chunk(4, 1_000, 16) == 4  # small batch: one pass, no scan

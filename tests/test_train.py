@@ -204,9 +204,14 @@ def test_two_step_flow_and_official_preset(tmp_path):
     assert meta["final_test_accuracy"] > 0.2
 
 
-def test_data_parallel_equals_one_device():
-    """4 CPU devices (conftest): the sharded step computes what the single-device step does."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_data_parallel_equals_one_device(monkeypatch, chunked):
+    """4 CPU devices (conftest): the sharded step computes what the single-device step does,
+    also with the kernel gradient summed over one-image chunks of the (sharded) batch."""
     assert jax.device_count() == 4
+    if chunked:
+        monkeypatch.setattr(nr_jax.layers, "DW_CHUNK_BYTES", 1)
+        monkeypatch.setattr(nr_jax.layers, "DW_CHUNK_MIN_ROWS", 1)
     results = {}
     for dp in (False, True):
         config = tiny_config()
