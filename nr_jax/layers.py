@@ -48,6 +48,8 @@ from nr_jax import _tracking
 Array = jax.Array
 MASKS = "nr_masks"
 SCHEMES = ("removed", "attention", "attention4", "dense")
+# Narrowest channel block that the removed scheme runs as its own convolution (`NRConv._removed`).
+SPLIT_MIN_GROUP = 2
 
 
 def he_fan_out(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
@@ -327,17 +329,32 @@ class NRConv(nn.Module):
             )
         if self.scheme in ("attention", "attention4"):
             return self._attention(x, kernel, strides, l_in, l_out)
+        return self._removed(x, kernel, strides, l_in, l_out)
+
+    def _removed(
+        self, x: Array, kernel: Array, strides: tuple[int, int], l_in: int, l_out: int
+    ) -> Array:
+        """Cross connections removed: old outputs read old inputs, new outputs new inputs.
+
+        With no new input, new outputs read the survivors (one dense convolution); with no
+        survivor input, old outputs get no signal (only their BN bias). A layer with a block
+        narrower than `SPLIT_MIN_GROUP` channels (default 2: a single channel) runs as one
+        convolution whose cross blocks are zeroed, with the same outputs and gradients; measured
+        on the CPU, that took the rejuvenated `resnet_fmnist` step from 1.14 to 1.06 of the dense
+        one, while wider thresholds (4, 8) slowed ResNet-20 and the small VGG.
+        """
+        d_in, d_out = x.shape[-1], self.features
+        if l_in == d_in:
+            return _conv(x, kernel, strides)
+        blocks = [(a, b) for a, b in ((l_in, l_out), (d_in - l_in, d_out - l_out)) if a and b]
+        if l_in == 0 or min(min(b) for b in blocks) < SPLIT_MIN_GROUP:
+            mask = (jnp.arange(d_in) < l_in)[:, None] == (jnp.arange(d_out) < l_out)[None, :]
+            return _conv(x, kernel * mask.astype(kernel.dtype)[None, None], strides)
         parts = []
         if l_out > 0:
-            if l_in > 0:
-                parts.append(_conv(x[..., :l_in], kernel[:, :, :l_in, :l_out], strides))
-            else:  # no survivor input: old outputs get no signal (only their BN bias)
-                parts.append(_conv(x, jnp.zeros_like(kernel[:, :, :, :l_out]), strides))
-        if l_out < self.features:
-            if l_in < d_in:
-                parts.append(_conv(x[..., l_in:], kernel[:, :, l_in:, l_out:], strides))
-            else:
-                parts.append(_conv(x, kernel[:, :, :, l_out:], strides))
+            parts.append(_conv(x[..., :l_in], kernel[:, :, :l_in, :l_out], strides))
+        if l_out < d_out:
+            parts.append(_conv(x[..., l_in:], kernel[:, :, l_in:, l_out:], strides))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
     def _attention(

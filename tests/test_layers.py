@@ -160,3 +160,32 @@ def test_batch_chunk_sizes(monkeypatch):
     assert layers._batch_chunk(16, 137_728, 64) == 8  # 8x8 maps: 4 images are only 256 rows
     assert layers._batch_chunk(13, 2 << 20, 1024) == 1  # prime batch, image over the chunk
     assert layers._batch_chunk(4, 1_000, 16) == 4  # small batch: one pass, no scan
+
+
+@pytest.mark.parametrize(
+    "d_in, l_in, d_out, l_out",
+    [(6, 4, 7, 3), (6, 1, 7, 6), (6, 0, 7, 3), (6, 6, 7, 3), (6, 2, 7, 0), (6, 2, 7, 7)],
+)
+def test_removed_scheme_as_one_masked_convolution(monkeypatch, d_in, l_in, d_out, l_out):
+    """Split convolutions and one convolution with zeroed cross blocks give the same layer."""
+    unit = layers.NRConv(d_out, in_split=l_in, out_split=l_out, scheme="removed")
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, d_in))
+    variables = unit.init(jax.random.key(1), x)
+
+    def run(min_group):
+        monkeypatch.setattr(layers, "SPLIT_MIN_GROUP", min_group)
+
+        def loss(params, x):
+            y, _ = unit.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(jnp.sin(y)), y
+
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+
+    split, masked = run(0), run(10**6)
+    chex.assert_trees_all_close(masked, split, rtol=1e-5, atol=1e-5)
+    kernel_grad = split[0][0]["kernel"]
+    cross = (jnp.arange(d_in) < l_in)[:, None] != (jnp.arange(d_out) < l_out)[None, :]
+    if 0 < l_in < d_in:  # cross connections get no gradient
+        assert float(jnp.abs(jnp.where(cross, kernel_grad, 0.0)).max()) == 0.0
