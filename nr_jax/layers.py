@@ -341,7 +341,7 @@ class NRConv(nn.Module):
         narrower than `SPLIT_MIN_GROUP` channels (default 2: a single channel) runs as one
         convolution whose cross blocks are zeroed, with the same outputs and gradients; measured
         on the CPU, that took the rejuvenated `resnet_fmnist` step from 1.14 to 1.06 of the dense
-        one, while wider thresholds (4, 8) slowed ResNet-20 and the small VGG.
+        one, while wider thresholds slowed ResNet-20 (4 and 8) and the small VGG (8).
         """
         d_in, d_out = x.shape[-1], self.features
         if l_in == d_in:
