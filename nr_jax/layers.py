@@ -32,11 +32,12 @@ Models take a `widths: WidthSpec` field (hashable) and build their units through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -139,6 +140,23 @@ def _xla_conv(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
 # Batch chunk of the shifted-matmul kernel gradient, in bytes of input (see _kernel_grad_matmul).
 DW_CHUNK_BYTES = 1 << 20
 DW_CHUNK_MIN_ROWS = 512
+_dw_chunking = [True]
+
+
+@contextlib.contextmanager
+def batch_chunking(enabled: bool) -> Iterator[None]:
+    """Whether kernel gradients traced in this context are summed over batch chunks (default on).
+
+    Turn it off when the batch axis is sharded over several devices (the train steps of a
+    data-parallel `Trainer` do): the chunks then live on different devices and the loop over
+    them made a 4-device `vgg_fmnist` step 0.70-0.75x as fast; each device's share of the batch
+    is small enough without chunks.
+    """
+    previous, _dw_chunking[0] = _dw_chunking[0], enabled
+    try:
+        yield
+    finally:
+        _dw_chunking[0] = previous
 
 
 def _kernel_grad_matmul(
@@ -153,7 +171,7 @@ def _kernel_grad_matmul(
     """
     b = x.shape[0]
     n = _batch_chunk(b, x.size // b * x.dtype.itemsize, dy.shape[1] * dy.shape[2])
-    if n == b:
+    if n == b or not _dw_chunking[0]:
         return _kernel_grad_taps(x, dy, kernel_shape, strides)
 
     def chunk(acc: Array, xy: tuple[Array, Array]) -> tuple[Array, None]:

@@ -31,7 +31,7 @@ from nr_jax import faults, models
 from nr_jax.checkpoint import Checkpointer, CheckpointError
 from nr_jax.config import validate
 from nr_jax.graph import ChannelGraph, channel_graph
-from nr_jax.layers import MASKS, WidthSpec, set_conv_weight_grad
+from nr_jax.layers import MASKS, WidthSpec, batch_chunking, set_conv_weight_grad
 from nr_jax.liveness import count, liveness, utilization
 from nr_jax.schemes import head_logits, nr_loss
 from nr_jax.sparsity import get_lambda, l1_bn_scales, set_lambda
@@ -117,6 +117,7 @@ class Steps:
         self.model, self.tx, self.graph, self.config = model, tx, graph, config
         self.counter = counter
         self.data_sharding = None if mesh is None else NamedSharding(mesh, P("data"))
+        self.batch_chunks = mesh is None or mesh.size == 1  # see nr_jax.batch_chunking
         if mesh is None:
             self.train = jax.jit(self._train, donate_argnums=0)
             self.eval = jax.jit(self._eval)
@@ -155,7 +156,8 @@ class Steps:
             out, upd = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
             return nr_loss(out, batch["label"]), (out, upd)
 
-        (loss, (out, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        with batch_chunking(self.batch_chunks):
+            (loss, (out, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         lr = learning_rate(self.config, state)
         params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)

@@ -55,8 +55,16 @@ def test_kernel_gradient_in_batch_chunks(monkeypatch, batch, chunk_images, k, s)
     monkeypatch.setattr(layers, "DW_CHUNK_BYTES", chunk_images * 9 * 9 * 3 * 4)
     monkeypatch.setattr(layers, "DW_CHUNK_MIN_ROWS", 1)
     dy = jnp.ones((batch, -(-9 // s), -(-9 // s), 5))
-    jaxpr = jax.make_jaxpr(lambda x, dy: layers._kernel_grad_matmul(x, dy, w.shape, (s, s)))
-    assert "scan" in str(jaxpr(x, dy))  # chunked, not one pass over the batch
+
+    def jaxpr():  # a new function each time: make_jaxpr caches traces
+        return str(
+            jax.make_jaxpr(lambda x, dy: layers._kernel_grad_matmul(x, dy, w.shape, (s, s)))(x, dy)
+        )
+
+    assert "scan" in jaxpr()  # chunked, not one pass over the batch
+    with nr_jax.batch_chunking(False):
+        assert "scan" not in jaxpr()
+    assert "scan" in jaxpr()  # the context restores the setting
     assert layers._batch_chunk(batch, 9 * 9 * 3 * 4, 81) == max(
         d for d in range(1, chunk_images + 1) if batch % d == 0
     )

@@ -207,7 +207,7 @@ def test_two_step_flow_and_official_preset(tmp_path):
 @pytest.mark.parametrize("chunked", [False, True])
 def test_data_parallel_equals_one_device(monkeypatch, chunked):
     """4 CPU devices (conftest): the sharded step computes what the single-device step does,
-    also with the kernel gradient summed over one-image chunks of the (sharded) batch."""
+    also when the single-device step sums its kernel gradients over one-image batch chunks."""
     assert jax.device_count() == 4
     if chunked:
         monkeypatch.setattr(nr_jax.layers, "DW_CHUNK_BYTES", 1)
@@ -228,6 +228,9 @@ def test_data_parallel_equals_one_device(monkeypatch, chunked):
             state, metrics = trainer.steps.train(state, batch)
         if dp:
             assert len(state.params["conv0"]["kernel"].sharding.device_set) == 4
+        # batch chunks on one device only: the data-parallel step's batch is sharded
+        hlo = trainer.steps.train.lower(state, batch).as_text()
+        assert ("stablehlo.while" in hlo) == (chunked and not dp)
         results[dp] = (jax.device_get(state.params), jax.device_get(metrics))
     chex.assert_trees_all_close(results[True], results[False], rtol=1e-4, atol=1e-5)
 
