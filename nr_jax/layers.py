@@ -140,7 +140,7 @@ def _xla_conv(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
 # Batch chunk of the shifted-matmul kernel gradient, in bytes of input (see _kernel_grad_matmul).
 DW_CHUNK_BYTES = 1 << 20
 DW_CHUNK_MIN_ROWS = 512
-_dw_chunking = [True]
+_dw_chunking = True  # set through batch_chunking, below
 
 
 @contextlib.contextmanager
@@ -152,11 +152,12 @@ def batch_chunking(enabled: bool) -> Iterator[None]:
     them made a 4-device `vgg_fmnist` step 0.70-0.75x as fast; each device's share of the batch
     is small enough without chunks.
     """
-    previous, _dw_chunking[0] = _dw_chunking[0], enabled
+    global _dw_chunking
+    previous, _dw_chunking = _dw_chunking, enabled
     try:
         yield
     finally:
-        _dw_chunking[0] = previous
+        _dw_chunking = previous
 
 
 def _kernel_grad_matmul(
@@ -171,7 +172,7 @@ def _kernel_grad_matmul(
     """
     b = x.shape[0]
     n = _batch_chunk(b, x.size // b * x.dtype.itemsize, dy.shape[1] * dy.shape[2])
-    if n == b or not _dw_chunking[0]:
+    if n == b or not _dw_chunking:
         return _kernel_grad_taps(x, dy, kernel_shape, strides)
 
     def chunk(acc: Array, xy: tuple[Array, Array]) -> tuple[Array, None]:
