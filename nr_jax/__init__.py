@@ -36,6 +36,23 @@ from nr_jax.surgery import (
 
 __version__ = "0.1.0"
 
+# Submodules loaded on first attribute access, so `import nr_jax` stays light: after
+# `import nr_jax`, `nr_jax.train.train_and_evaluate(...)` works without importing it first.
+_LAZY_SUBMODULES = ("checkpoint", "config", "controller", "data", "metrics", "plots", "rescale",
+                    "train")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"nr_jax.{name}")
+    raise AttributeError(f"module 'nr_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 __all__ = [
     "ALLOCATIONS",
     "MASKS",
