@@ -1,4 +1,4 @@
-"""Tests for nr_jax.data: tfds builders on fabricated raw files, .npz cache and batching.
+"""Tests for nr_jax.data: tfds builders on fabricated raw files, .npz cache, grain pipelines.
 
 Everything is fabricated in tmp_path at test time: Fashion-MNIST IDX files, CIFAR python
 pickles (archive and folder), official-looking tfds `cifar10` / `imagenet2012` datasets in
@@ -31,6 +31,8 @@ from etils import epath
 from PIL import Image
 
 from nr_jax import data
+from nr_jax.config import ConfigError, base_config
+from nr_jax.data import formats, imagenet, pipeline, registry
 
 NUM_TRAIN = 50
 NUM_TEST = 20
@@ -130,7 +132,7 @@ def test_cache_written_and_reused(
 
     monkeypatch.setattr(data.FashionMnistLocal, "as_data_source", fail)
     monkeypatch.setattr(data.FashionMnistLocal, "download_and_prepare", fail)
-    monkeypatch.setattr(data, "_read_idx", fail)
+    monkeypatch.setattr(formats, "read_idx", fail)
     # Even with the raw files gone, the cached split still loads.
     second = data.load_arrays(split="test", data_dir=data_dir, source_dir=tmp_path / "gone")
     np.testing.assert_array_equal(first[0], second[0])
@@ -207,6 +209,14 @@ def test_unknown_name_and_split(fake: dict) -> None:
     with pytest.raises(ValueError, match="fashion_mnist") as excinfo:
         data.load_arrays("cifar_1000", data_dir=fake["data_dir"])
     assert "cifar_1000" in str(excinfo.value)
+    assert isinstance(excinfo.value, ConfigError) and "\n" not in str(excinfo.value)
+    with pytest.raises(ConfigError) as excinfo:
+        data.dataset_info("mnist")
+    assert str(excinfo.value) == (
+        "config.dataset = 'mnist' is not allowed: one of "
+        "['cifar10', 'cifar100', 'fashion_mnist', 'imagenet2012']"
+    )
+    assert data.dataset_info("cifar10") is data.DATASET_INFO["cifar10"]
     with pytest.raises(ValueError, match="validation"):
         data.load_arrays(split="validation", data_dir=fake["data_dir"])
     assert "fashion_mnist" in data.known_datasets()
@@ -293,6 +303,38 @@ def test_train_batches_resume(augment: bool) -> None:
         data.train_batches(images, labels, 10, start_batch=11, **kwargs)
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_iterator_state_round_trip_mid_epoch(augment: bool) -> None:
+    images, labels = _synthetic()
+    kwargs = {"seed": 7, "epoch": 3, "augment": augment, "info": INFO}
+    iterator = data.train_batches(images, labels, 10, **kwargs)
+    head = [next(iterator) for _ in range(3)]
+    state = json.loads(json.dumps(iterator.get_state()))  # What a checkpoint stores.
+    rest = list(iterator)
+    assert len(rest) == 7
+    resumed = data.train_batches(images, labels, 10, **kwargs)
+    resumed.set_state(state)
+    chex.assert_trees_all_equal(list(resumed), rest)  # Bit-identical remaining batches.
+    full = list(data.train_batches(images, labels, 10, **kwargs))
+    chex.assert_trees_all_equal(head + rest, full)
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch() -> None:
+    images, labels = _synthetic()
+
+    def epoch(seed: int, number: int, threads: int = 0) -> list[dict]:
+        batches = data.train_batches(
+            images, labels, 10, seed=seed, epoch=number, augment=True, num_threads=threads
+        )
+        return list(batches)
+
+    same, again = epoch(3, 1), epoch(3, 1, threads=2)  # Worker threads change nothing.
+    chex.assert_trees_all_equal(same, again)
+    for other in (epoch(3, 2), epoch(4, 1)):
+        order = np.concatenate([b["label"] for b in other])
+        assert not np.array_equal(order, np.concatenate([b["label"] for b in same]))
+
+
 @pytest.mark.parametrize("size,pad", [(28, 2), (32, 4)])
 def test_train_batches_augment(size: int, pad: int) -> None:
     channels = 1 if size == 28 else 3
@@ -357,6 +399,28 @@ def test_eval_batches_padding(num: int, batch_size: int) -> None:
     np.testing.assert_array_equal(got_images[:num], data.normalize(images, INFO))
 
 
+def _run_config(data_dir: Path, **overrides: object):
+    config = base_config()
+    config.update(dataset="fashion_mnist", data_dir=str(data_dir), batch_size=8, seed=11)
+    config.update(eval_batch_size=16, augment=True, **overrides)
+    return config
+
+
+def test_run_data_resumes_from_the_saved_state(fake: dict) -> None:
+    run = data.RunData(_run_config(fake["data_dir"], train_limit=40), INFO)
+    assert (run.num_train, run.steps_per_epoch) == (40, 5)
+    iterator = run.train_iterator(2)
+    head = [next(iterator) for _ in range(2)]
+    state = json.loads(json.dumps(iterator.get_state()))
+    resumed = list(run.train_iterator(2, state))
+    chex.assert_trees_all_equal(head + resumed, list(run.train_iterator(2)))
+    chex.assert_trees_all_equal(list(iterator), resumed)
+    first = np.concatenate([b["label"] for b in run.train_iterator(0)])
+    assert len(first) == 40
+    test = list(run.test_batches())
+    assert len(test) == 2 and sum(float(b["mask"].sum()) for b in test) == NUM_TEST
+
+
 def test_prefetch_order_and_errors() -> None:
     assert list(data.prefetch(iter(range(20)), size=3)) == list(range(20))
 
@@ -377,6 +441,10 @@ def test_prefetch_order_and_errors() -> None:
         data.prefetch(iter([]), size=0)
 
 
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("grain-thread-prefetch")]
+
+
 def test_prefetch_close_stops_thread() -> None:
     def endless():
         i = 0
@@ -384,12 +452,26 @@ def test_prefetch_close_stops_thread() -> None:
             yield i
             i += 1
 
+    before = len(_prefetch_threads())
     iterator = data.prefetch(endless(), size=1)
     assert next(iterator) == 0
+    assert len(_prefetch_threads()) == before + 1
+    assert all(t.daemon for t in _prefetch_threads())
     iterator.close()  # type: ignore[attr-defined]
-    iterator._thread.join(timeout=2.0)  # type: ignore[attr-defined]
-    assert not iterator._thread.is_alive()  # type: ignore[attr-defined]
-    assert all(t.daemon for t in threading.enumerate() if t.name == "nr_jax-prefetch")
+    assert len(_prefetch_threads()) == before  # close() joins grain's thread
+
+
+def test_prefetch_keeps_grain_state() -> None:
+    images, labels = _synthetic()
+    kwargs = {"seed": 2, "epoch": 1, "augment": True}
+    fetched = data.prefetch(data.train_batches(images, labels, 10, **kwargs), size=3)
+    head = [next(fetched) for _ in range(4)]
+    state = fetched.get_state()  # type: ignore[attr-defined]
+    fetched.close()  # type: ignore[attr-defined]
+    resumed = data.train_batches(images, labels, 10, **kwargs)
+    resumed.set_state(state)
+    full = list(data.train_batches(images, labels, 10, **kwargs))
+    chex.assert_trees_all_equal(head + list(resumed), full)
 
 
 # --------------------------------------------------------------------------------------
@@ -412,7 +494,7 @@ def test_real_fashion_mnist_test_split() -> None:
     chex.assert_shape(images, (10000, 28, 28, 1))
     assert images.dtype == np.uint8 and labels.dtype == np.int32
     np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.full(10, 1000))
-    raw = data._read_idx(REAL_DIR / "t10k-images-idx3-ubyte.gz", 2051)
+    raw = formats.read_idx(REAL_DIR / "t10k-images-idx3-ubyte.gz", 2051)
     np.testing.assert_array_equal(images[..., 0], raw)
     assert "tensorflow" not in sys.modules
 
@@ -488,7 +570,7 @@ def test_cifar_pickles_round_trip(tmp_path: Path, name: str, archive: bool) -> N
         chex.assert_shape(images, want_images.shape)
         np.testing.assert_array_equal(images, want_images)  # Exact pixels, file order.
         np.testing.assert_array_equal(labels, want_labels)
-    local = data._REGISTRY[name].builder_cls.name
+    local = registry.SOURCES[name].builder_cls.name
     assert local == f"{name}_local"
     assert (data_dir / local / "1.0.0").is_dir()
     assert (data_dir / local / "nr_jax_cache" / "1.0.0" / "test.npz").is_file()
@@ -545,10 +627,10 @@ def test_cifar_incomplete_archive(tmp_path: Path) -> None:
 def test_cifar_unpickler_refuses_other_globals() -> None:
     raw = pickle.dumps({b"data": collections.OrderedDict()}, protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="OrderedDict"):
-        data._load_cifar_pickle(raw, "test")
+        formats.load_cifar_pickle(raw, "test")
     array = np.arange(6, dtype=np.uint8).reshape(2, 3)
     for protocol in (2, 4, 5):
-        loaded = data._load_cifar_pickle(pickle.dumps({b"data": array}, protocol=protocol), "t")
+        loaded = formats.load_cifar_pickle(pickle.dumps({b"data": array}, protocol=protocol), "t")
         np.testing.assert_array_equal(loaded[b"data"], array)
 
 
@@ -580,7 +662,7 @@ class _FakeOfficialCifar10(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         for i in range(self.NUM[split]):
             # Image i is constant 10 * i + (channel), label i: checkable in any order.
             image = (10 * i + np.arange(3, dtype=np.uint8)) * np.ones((32, 32, 1), np.uint8)
-            yield i, {"id": f"{split}_{i:05d}", "image": data._encode_png(image), "label": i}
+            yield i, {"id": f"{split}_{i:05d}", "image": formats.encode_png(image), "label": i}
 
 
 def _prepare_official_cifar10(data_dir: Path) -> None:
@@ -665,7 +747,7 @@ def test_cifar_dataset_info_and_train_batches() -> None:
     assert imagenet.mean == (0.485, 0.456, 0.406) and imagenet.std == (0.229, 0.224, 0.225)
     assert data.DATASET_INFO["fashion_mnist"] == INFO
     assert {"cifar10", "cifar100", "fashion_mnist"} <= set(data.known_datasets())
-    assert data._augment_padding(32, 32) == 4  # CIFAR: random crop 32 with padding 4.
+    assert pipeline.augment_padding(32, 32) == 4  # CIFAR: random crop 32 with padding 4.
     images, labels = _synthetic(40, 32, 3)
     batch = next(data.train_batches(images, labels, 8, seed=0, epoch=0, info=info))
     raw = images[batch["label"]].astype(np.float64) / 255.0
@@ -769,8 +851,24 @@ def test_imagenet_train_batches(imagenet_dir: Path) -> None:
     plain = next(data.train_batches_from_source(source, 3, augment=False, **kwargs))
     np.testing.assert_array_equal(plain["label"], first[0]["label"])
     index = (int(plain["label"][0]) - 7) // 100
-    want = data._eval_transform(source[index]["image"], 224, 256)
+    want = imagenet.eval_transform(source[index]["image"], 224, 256)
     np.testing.assert_allclose(plain["image"][0], data.normalize(want, IMAGENET_INFO))
+
+
+def test_imagenet_iterator_state_round_trip(imagenet_dir: Path) -> None:
+    source = data.load_imagenet_source("train", data_dir=imagenet_dir)
+    kwargs = {"seed": 5, "epoch": 0, "info": IMAGENET_INFO, "num_workers": 2}
+    iterator = data.train_batches_from_source(source, 2, **kwargs)
+    head = next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    rest = list(iterator)
+    assert len(rest) == 2
+    resumed = data.train_batches_from_source(source, 2, **kwargs)
+    resumed.set_state(state)
+    chex.assert_trees_all_equal(list(resumed), rest)
+    chex.assert_trees_all_equal(
+        [head, *rest], list(data.train_batches_from_source(source, 2, **kwargs))
+    )
 
 
 def test_imagenet_eval_batches_padding(imagenet_dir: Path) -> None:
@@ -801,12 +899,12 @@ def test_random_resized_crop_box() -> None:
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
     for _ in range(300):
         height, width = (int(x) for x in rng.integers(40, 400, size=2))
-        top, left, h, w = data._random_resized_crop_box(rng, height, width, scale, ratio)
+        top, left, h, w = imagenet.random_resized_crop_box(rng, height, width, scale, ratio)
         assert 0 <= top <= height - h and 0 <= left <= width - w and h > 0 and w > 0
         assert 0.08 * 0.9 <= h * w / (height * width) <= 1.0
     # Ten misses (a 1000 x 10 strip): the centre crop with the aspect ratio clamped.
-    assert data._random_resized_crop_box(rng, 1000, 10, scale, ratio) == (493, 0, 13, 10)
-    assert data._random_resized_crop_box(rng, 10, 1000, scale, ratio) == (0, 493, 10, 13)
+    assert imagenet.random_resized_crop_box(rng, 1000, 10, scale, ratio) == (493, 0, 13, 10)
+    assert imagenet.random_resized_crop_box(rng, 10, 1000, scale, ratio) == (0, 493, 10, 13)
 
 
 def test_imagenet_missing_and_tfrecord_only(tmp_path: Path) -> None:
