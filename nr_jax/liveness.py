@@ -6,11 +6,13 @@ graph: they run eagerly or inside a jitted train step and never retrace when val
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from nr_jax.graph import INPUT, ChannelGraph, Segment, Unit
 from nr_jax.layers import MASKS
@@ -48,15 +50,14 @@ class Utilization(NamedTuple):
     flops_total: Array
 
 
-def _get(tree: Any, path: tuple[str, ...], what: str) -> Any:
-    node = tree
-    for key in path:
-        if not hasattr(node, "__getitem__") or key not in node:
-            raise ValueError(
-                f"variables have no {what} at {'/'.join(path)}; were they made by another model?"
-            )
-        node = node[key]
-    return node
+def _flat(variables: Any, collection: str, required: bool = True) -> dict[tuple[str, ...], Any]:
+    """One collection of the variables keyed by path (`flax.traverse_util.flatten_dict`)."""
+    if not isinstance(variables, Mapping) or collection not in variables:
+        if not required:
+            return {}
+        got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(f"variables have no {collection!r} collection, got {got}")
+    return traverse_util.flatten_dict(variables[collection])
 
 
 def _xp(tree: Any) -> Any:
@@ -65,8 +66,13 @@ def _xp(tree: Any) -> Any:
     return jnp if any(isinstance(x, jax.Array) for x in leaves) else np
 
 
-def _gamma(params: Any, unit: Unit, xp: Any) -> Array:
-    g = _get(params, unit.path + ("bn", "scale"), "BN scale")
+def _gamma(params: dict[tuple[str, ...], Any], unit: Unit, xp: Any) -> Array:
+    path = (*unit.path, "bn", "scale")
+    if path not in params:
+        raise ValueError(
+            f"variables have no BN scale at {'/'.join(path)}; were they made by another model?"
+        )
+    g = params[path]
     if g.shape != (unit.out_channels,):
         raise ValueError(
             f"BN scale of unit {unit.name} has shape {g.shape}, the graph expects "
@@ -109,16 +115,15 @@ def liveness(
       `Liveness` of jnp arrays, or of numpy arrays when every leaf of `variables` is a numpy
       array (the host-side path, which compiles nothing).
     """
-    params = _get(variables, ("params",), "'params' collection")
-    masks = variables.get(MASKS, {}) if hasattr(variables, "get") else {}
+    params, masks = _flat(variables, "params"), _flat(variables, MASKS, required=False)
     xp = _xp((params, masks))
     gamma_live, gamma_dead = {}, {}
     for u in graph.units:
         g = _gamma(params, u, xp)
         gmax = xp.max(g)
         gamma_dead[u.name] = gmax < dead_threshold
-        if u.name in masks:
-            gamma_dead[u.name] |= xp.max(masks[u.name]["mask"]) == 0
+        if (*u.path, "mask") in masks:
+            gamma_dead[u.name] |= xp.max(masks[(*u.path, "mask")]) == 0
         gamma_live[u.name] = xp.ones_like(g, bool) if u.fixed else g >= threshold * gmax
     streams = []
     for tie in graph.ties:

@@ -19,19 +19,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax
 import jax
 import numpy as np
+from flax import traverse_util
 
 from nr_jax.graph import INPUT, ChannelGraph
-from nr_jax.surgery import _get, _set, _to_host
+
+
+def _host_params(variables: Any) -> dict[tuple[str, ...], np.ndarray]:
+    """The parameters as numpy arrays, keyed by path (`flax.traverse_util.flatten_dict`)."""
+    params = jax.device_get(flax.core.unfreeze(variables)["params"])
+    return traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
 
 
 def channel_factors(variables: Any, graph: ChannelGraph, target: float) -> dict[str, np.ndarray]:
     """Per-unit output factor g / t (1 for fixed, tied and |γ| >= t channels)."""
-    params = _to_host(variables)["params"]
+    params = _host_params(variables)
     factors = {}
     for u in graph.units:
-        gamma = np.asarray(_get(params, u.path + ("bn", "scale")), np.float32)
+        gamma = np.asarray(params[(*u.path, "bn", "scale")], np.float32)
         if u.fixed or u.tie is not None:
             factors[u.name] = np.ones_like(gamma)
             continue
@@ -64,22 +71,19 @@ def rescale(variables: Any, graph: ChannelGraph, target: float = 0.5) -> dict[st
     """
     if not target > 0:
         raise ValueError(f"rescale: target must be > 0, got {target}")
-    host = _to_host(variables)
-    new = jax.tree.map(lambda x: x, host)  # fresh containers; leaves replaced below
+    host = jax.tree.map(np.asarray, jax.device_get(flax.core.unfreeze(variables)))
+    params = _host_params(host)
+    new = dict(params)  # leaves replaced below
     factors = channel_factors(host, graph, target)
     for u in graph.all_units:
         f_in = _input_factor(u, factors)
-        kernel = _get(host["params"], u.path + ("kernel",))
+        kernel = params[(*u.path, "kernel")]
         shape = (1, 1, -1, 1) if u.kind == "conv" else (-1, 1)
-        _set(new["params"], u.path + ("kernel",), kernel * f_in.reshape(shape).astype(kernel.dtype))
+        new[(*u.path, "kernel")] = kernel * f_in.reshape(shape).astype(kernel.dtype)
         if u.kind != "conv" or u.fixed or u.tie is not None:
             continue
-        f = factors[u.name]
-        gamma = _get(host["params"], u.path + ("bn", "scale"))
-        beta = _get(host["params"], u.path + ("bn", "bias"))
-        up = f < 1.0
-        _set(new["params"], u.path + ("bn", "scale"), np.where(up, np.sign(gamma) * target, gamma))
-        _set(
-            new["params"], u.path + ("bn", "bias"), np.where(up, beta / f, beta).astype(beta.dtype)
-        )
-    return new
+        f, up = factors[u.name], factors[u.name] < 1.0
+        gamma, beta = params[(*u.path, "bn", "scale")], params[(*u.path, "bn", "bias")]
+        new[(*u.path, "bn", "scale")] = np.where(up, np.sign(gamma) * target, gamma)
+        new[(*u.path, "bn", "bias")] = np.where(up, beta / f, beta).astype(beta.dtype)
+    return {**host, "params": traverse_util.unflatten_dict(new)}
