@@ -481,6 +481,30 @@ def test_on_save_brackets_each_commit(tmp_path: Path) -> None:
     assert events == [("start", 1, []), ("end", 1, ["1"]), ("start", 2, ["1"]), ("end", 2, ["2"])]
 
 
+def test_open_checkpointer_defuses_orbax_task_reports(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gh-106905: while a Checkpointer is open, asyncio's reports of orbax/TensorStore exceptions
+    lose their traceback and drop to DEBUG; other reports, and reports after close, are kept."""
+    caplog.set_level(logging.WARNING)
+
+    def report(message: str) -> None:
+        try:
+            raise RuntimeError(message)
+        except RuntimeError:
+            logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
+
+    with Checkpointer(tmp_path):
+        report("TENSORSTORE read failed")
+        report("unrelated")
+    report("TENSORSTORE read failed after close")
+    got = [(r.levelno, str(r.exc_info[1])) for r in caplog.records if r.name == "asyncio"]
+    assert got == [
+        (logging.ERROR, "unrelated"),
+        (logging.ERROR, "TENSORSTORE read failed after close"),
+    ]
+
+
 _FILTER_LIFETIME = """
 import json, logging, sys
 import orbax.checkpoint
