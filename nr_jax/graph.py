@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nr_jax import _tracking
-from nr_jax._tracking import INPUT, Segment
+from nr_jax import tracing
+from nr_jax.tracing import INPUT, Segment
 
 __all__ = ["INPUT", "ChannelGraph", "Segment", "Unit", "channel_graph"]
 
@@ -166,7 +166,7 @@ def channel_graph(
     """
     if len(input_shape) != 4:
         raise ValueError(f"input_shape must be (B, H, W, C) with the batch axis, got {input_shape}")
-    with _tracking.tracking() as tracker:
+    with tracing.tracking() as tracker:
 
         def init(x: jax.Array) -> Any:
             tracker.tag(x, ((frozenset([INPUT]), 0, x.shape[-1]),))
@@ -176,7 +176,7 @@ def channel_graph(
     return _build(tracker, tuple(input_shape), shapes)
 
 
-def _build(tracker: _tracking.Tracker, input_shape: tuple[int, ...], shapes: Any) -> ChannelGraph:
+def _build(tracker: tracing.Tracker, input_shape: tuple[int, ...], shapes: Any) -> ChannelGraph:
     records = tracker.units
     names = [r.name for r in records]
     if len(set(names)) != len(names):

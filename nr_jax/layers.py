@@ -19,7 +19,7 @@ Widths are static module fields. After rejuvenation every channel axis is laid o
   the dense FLOPs instead of the official four). The cross blocks start at zero, so old outputs
   are unchanged at rejuvenation time. A unit without new (or without old) inputs is a plain conv.
 * scheme ``"attention4"``: the same cross-attention computed as the official code does, with four
-  block convolutions (kept to measure the choice; see `experiments/benchmark.py`).
+  block convolutions (kept to measure the choice; see `experiments/benchmark`).
 * scheme ``"dense"``: one full convolution over the whole kernel.
 
 Every helper that moves activations between units (`max_pool`, `avg_pool`, `relu`, `add`,
@@ -32,19 +32,19 @@ Models take a `widths: WidthSpec` field (hashable) and build their units through
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nr_jax import _tracking
+from nr_jax import ops, tracing
+
+# re-exported: the modes of `NRConv.conv_weight_grad`, and the removed switches' messages
+from nr_jax.ops import CONV_WEIGHT_GRADS, batch_chunking, set_conv_weight_grad  # noqa: F401
 
 Array = jax.Array
 MASKS = "nr_masks"
@@ -99,167 +99,6 @@ class WidthSpec:
         return cls.from_dict({k: UnitWidth(**v) for k, v in json.loads(text).items()})
 
 
-CONV_WEIGHT_GRADS = ("auto", "matmul", "xla")
-_conv_weight_grad = "auto"  # set through set_conv_weight_grad (validated), below
-
-
-def set_conv_weight_grad(mode: str) -> None:
-    """Chooses how every NR convolution computes its kernel gradient.
-
-    * ``"auto"`` (default): shifted matmuls on CPU, XLA's own convolution gradient elsewhere.
-    * ``"matmul"``: shifted matmuls on every platform.
-    * ``"xla"``: XLA's convolution gradient everywhere (a plain `lax.conv_general_dilated`).
-
-    XLA's CPU backend computes the kernel gradient of a 3x3 convolution 3-20x slower than its
-    forward pass at large feature maps (the efficiency section of `experiments/benchmark.py`
-    times both); the
-    gradient is a sum over the k*k kernel taps of (input shifted by the tap)^T @ output
-    gradient, i.e. k*k matmuls, which the CPU runs near its matmul speed. Forward pass and input
-    gradient stay XLA's. Takes effect for steps traced after the call (jit caches keep their
-    traces); the environment variable ``NR_JAX_CONV_WEIGHT_GRAD`` sets it at import.
-    """
-    global _conv_weight_grad
-    if mode not in CONV_WEIGHT_GRADS:
-        raise ValueError(f"conv weight gradient must be one of {CONV_WEIGHT_GRADS}, got {mode!r}")
-    _conv_weight_grad = mode
-
-
-set_conv_weight_grad(os.environ.get("NR_JAX_CONV_WEIGHT_GRAD", "auto"))
-
-
-def _padding(k_h: int, k_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    return ((k_h // 2, k_h // 2), (k_w // 2, k_w // 2))  # PyTorch's symmetric padding
-
-
-def _xla_conv(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
-    return jax.lax.conv_general_dilated(
-        x, kernel, strides, _padding(*kernel.shape[:2]), dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
-# Batch chunk of the shifted-matmul kernel gradient, in bytes of input (see _kernel_grad_matmul).
-DW_CHUNK_BYTES = 1 << 20
-DW_CHUNK_MIN_ROWS = 512
-_dw_chunking = True  # set through batch_chunking, below
-
-
-@contextlib.contextmanager
-def batch_chunking(enabled: bool) -> Iterator[None]:
-    """Whether kernel gradients traced in this context are summed over batch chunks (default on).
-
-    Turn it off when the batch axis is sharded over several devices (the train steps of a
-    data-parallel `Trainer` do): the chunks then live on different devices and the loop over
-    them made a 4-device `vgg_fmnist` step 0.70-0.75x as fast; each device's share of the batch
-    is small enough without chunks.
-    """
-    global _dw_chunking
-    previous, _dw_chunking = _dw_chunking, enabled
-    try:
-        yield
-    finally:
-        _dw_chunking = previous
-
-
-def _kernel_grad_matmul(
-    x: Array, dy: Array, kernel_shape: tuple[int, ...], strides: tuple[int, int]
-) -> Array:
-    """dL/dW, summed over chunks of the batch of about `DW_CHUNK_BYTES` of input each.
-
-    The k*k shifted copies of a whole batch's input outgrow the CPU's caches at large maps (9
-    copies of 4 MB for 64 images of 32x32x16); chunked by a `lax.scan`, the copies of one chunk
-    are consumed while cached. Measured on the 2-core CPU, batch 64, one 3x3 layer's kernel
-    gradient: 32x32, 16 -> 16 channels 37 -> 9 ms; 32x32, 66 -> 76 channels 189 -> 84 ms.
-    """
-    b = x.shape[0]
-    n = _batch_chunk(b, x.size // b * x.dtype.itemsize, dy.shape[1] * dy.shape[2])
-    if n == b or not _dw_chunking:
-        return _kernel_grad_taps(x, dy, kernel_shape, strides)
-
-    def chunk(acc: Array, xy: tuple[Array, Array]) -> tuple[Array, None]:
-        return acc + _kernel_grad_taps(xy[0], xy[1], kernel_shape, strides), None
-
-    chunks = (x.reshape(b // n, n, *x.shape[1:]), dy.reshape(b // n, n, *dy.shape[1:]))
-    return jax.lax.scan(chunk, jnp.zeros(kernel_shape, jnp.float32), chunks)[0]
-
-
-def _batch_chunk(batch: int, image_bytes: int, out_positions: int) -> int:
-    """Images per chunk: a divisor of the batch near `DW_CHUNK_BYTES` of input, but with at
-    least `DW_CHUNK_MIN_ROWS` output positions (smaller matmuls lose more than the cache gains:
-    8x8 maps, 538 -> 542 channels, batch 16, ran 1.3x slower in chunks of 256 rows)."""
-    divisors = [d for d in range(1, batch + 1) if batch % d == 0]
-    n = max([d for d in divisors if d * image_bytes <= DW_CHUNK_BYTES], default=1)
-    if n * out_positions < DW_CHUNK_MIN_ROWS:
-        n = min(d for d in divisors if d * out_positions >= DW_CHUNK_MIN_ROWS or d == batch)
-    return n
-
-
-def _kernel_grad_taps(
-    x: Array, dy: Array, kernel_shape: tuple[int, ...], strides: tuple[int, int]
-) -> Array:
-    """dL/dW[i, j] = sum over batch and positions of x shifted by tap (i, j) times dy."""
-    k_h, k_w, c_in, c_out = kernel_shape
-    (p_h, _), (p_w, _) = _padding(k_h, k_w)
-    s_h, s_w = strides
-    _, h_out, w_out, _ = dy.shape
-    xp = jnp.pad(x, ((0, 0), (p_h, p_h), (p_w, p_w), (0, 0)))
-    dy2 = dy.reshape(-1, c_out)
-    taps = []
-    for i in range(k_h):
-        for j in range(k_w):
-            tap = xp[:, i : i + s_h * (h_out - 1) + 1 : s_h, j : j + s_w * (w_out - 1) + 1 : s_w]
-            taps.append(
-                jax.lax.dot_general(
-                    tap.reshape(-1, c_in),
-                    dy2,
-                    (((0,), (0,)), ((), ())),
-                    preferred_element_type=jnp.float32,
-                )
-            )
-    return jnp.stack(taps).reshape(kernel_shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_mm(x: Array, kernel: Array, strides: tuple[int, int], everywhere: bool) -> Array:
-    return _xla_conv(x, kernel, strides)
-
-
-def _conv_mm_fwd(
-    x: Array, kernel: Array, strides: tuple[int, int], everywhere: bool
-) -> tuple[Array, tuple[Array, Array]]:
-    return _xla_conv(x, kernel, strides), (x, kernel)
-
-
-def _conv_mm_bwd(
-    strides: tuple[int, int], everywhere: bool, res: tuple[Array, Array], dy: Array
-) -> tuple[Array, Array]:
-    x, kernel = res
-    _, input_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, strides), x)
-    (dx,) = input_vjp(dy)
-
-    def matmul(x: Array, kernel: Array, dy: Array) -> Array:
-        return _kernel_grad_matmul(x, dy, kernel.shape, strides).astype(kernel.dtype)
-
-    def xla(x: Array, kernel: Array, dy: Array) -> Array:
-        _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k, strides), kernel)
-        return kernel_vjp(dy)[0]
-
-    if everywhere:
-        dw = matmul(x, kernel, dy)
-    else:
-        dw = jax.lax.platform_dependent(x, kernel, dy, cpu=matmul, default=xla)
-    return dx, dw
-
-
-_conv_mm.defvjp(_conv_mm_fwd, _conv_mm_bwd)
-
-
-def _conv(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
-    """Convolution of an NR unit; its kernel gradient as `set_conv_weight_grad` chose."""
-    if _conv_weight_grad == "xla":
-        return _xla_conv(x, kernel, strides)
-    return _conv_mm(x, kernel, tuple(strides), _conv_weight_grad == "matmul")
-
-
 class NRConv(nn.Module):
     """Conv (no bias) -> BatchNorm -> activation -> channel mask: one prunable NR unit.
 
@@ -274,6 +113,12 @@ class NRConv(nn.Module):
       scheme: how old and new channels mix after rejuvenation (`SCHEMES`).
       gamma_init: initial BN scale (official: 0.5 for VGG, 1.0 for ResNet/DenseNet).
       dtype: computation dtype (None: float32).
+      conv_weight_grad: how the kernel gradient is computed (`CONV_WEIGHT_GRADS`, `ops.conv`):
+        "auto" shifted matmuls on CPU and XLA's convolution gradient elsewhere, "matmul"
+        shifted matmuls everywhere, "xla" XLA's everywhere. Static: part of the trace key.
+      batch_chunks: whether the shifted-matmul kernel gradient sums over batch chunks of about
+        1 MB of input; must be False when the batch is sharded over several devices (the
+        chunks would then live on different devices). Static: part of the trace key.
     """
 
     features: int
@@ -287,11 +132,13 @@ class NRConv(nn.Module):
     gamma_init: float = 1.0
     kernel_init: Callable[..., Array] = he_fan_out
     dtype: Any = None
+    conv_weight_grad: str = "auto"
+    batch_chunks: bool = True
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         """x: (B, H, W, D_in) -> (B, H', W', D_out)."""
-        tracker = _tracking.active()
+        tracker = tracing.active()
         source = tracker.source_of(x, self._unit_name()) if tracker else None
         if self.scheme not in SCHEMES:
             raise ValueError(
@@ -316,7 +163,7 @@ class NRConv(nn.Module):
         if tracker is not None:
             tracker.tag(y, (((frozenset([self._unit_name()])), 0, self.features),))
             tracker.units.append(
-                _tracking.UnitRecord(
+                tracing.UnitRecord(
                     name=self._unit_name(),
                     kind="conv",
                     source=source,
@@ -336,11 +183,16 @@ class NRConv(nn.Module):
     def _unit_name(self) -> str:
         return "/".join(self.scope.path)
 
+    def _conv(self, x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
+        """One convolution of this unit, its kernel gradient as the unit's fields choose."""
+        grad, chunks = self.conv_weight_grad, self.batch_chunks
+        return ops.conv(x, kernel, strides, weight_grad=grad, batch_chunks=chunks)
+
     def _forward(self, x: Array, kernel: Array) -> Array:
         strides = (self.strides, self.strides)
         l_in, l_out, d_in = self.in_split, self.out_split, x.shape[-1]
         if self.scheme == "dense" or l_out is None:
-            return _conv(x, kernel, strides)
+            return self._conv(x, kernel, strides)
         if l_in is None or not 0 <= l_in <= d_in or not 0 <= l_out <= self.features:
             raise ValueError(
                 f"NRConv {self.name}: split points must satisfy 0 <= in_split <= {d_in} and "
@@ -364,32 +216,32 @@ class NRConv(nn.Module):
         """
         d_in, d_out = x.shape[-1], self.features
         if l_in == d_in:
-            return _conv(x, kernel, strides)
+            return self._conv(x, kernel, strides)
         blocks = [(a, b) for a, b in ((l_in, l_out), (d_in - l_in, d_out - l_out)) if a and b]
         if l_in == 0 or min(min(b) for b in blocks) < SPLIT_MIN_GROUP:
             mask = (jnp.arange(d_in) < l_in)[:, None] == (jnp.arange(d_out) < l_out)[None, :]
-            return _conv(x, kernel * mask.astype(kernel.dtype)[None, None], strides)
+            return self._conv(x, kernel * mask.astype(kernel.dtype)[None, None], strides)
         parts = []
         if l_out > 0:
-            parts.append(_conv(x[..., :l_in], kernel[:, :, :l_in, :l_out], strides))
+            parts.append(self._conv(x[..., :l_in], kernel[:, :, :l_in, :l_out], strides))
         if l_out < d_out:
-            parts.append(_conv(x[..., l_in:], kernel[:, :, l_in:, l_out:], strides))
+            parts.append(self._conv(x[..., l_in:], kernel[:, :, l_in:, l_out:], strides))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
     def _attention(
         self, x: Array, kernel: Array, strides: tuple[int, int], l_in: int, l_out: int
     ) -> Array:
         if l_in in (0, x.shape[-1]) or l_out in (0, self.features):
-            return _conv(x, kernel, strides)  # no second group to attend to
+            return self._conv(x, kernel, strides)  # no second group to attend to
         x_o, x_n = x[..., :l_in], x[..., l_in:]
         if self.scheme == "attention4":
-            ll = _conv(x_o, kernel[:, :, :l_in, :l_out], strides)
-            rl = _conv(x_o, kernel[:, :, :l_in, l_out:], strides)
-            lr = _conv(x_n, kernel[:, :, l_in:, :l_out], strides)
-            rr = _conv(x_n, kernel[:, :, l_in:, l_out:], strides)
+            ll = self._conv(x_o, kernel[:, :, :l_in, :l_out], strides)
+            rl = self._conv(x_o, kernel[:, :, :l_in, l_out:], strides)
+            lr = self._conv(x_n, kernel[:, :, l_in:, :l_out], strides)
+            rr = self._conv(x_n, kernel[:, :, l_in:, l_out:], strides)
         else:
-            from_old = _conv(x_o, kernel[:, :, :l_in], strides)  # [ll, rl]
-            from_new = _conv(x_n, kernel[:, :, l_in:], strides)  # [lr, rr]
+            from_old = self._conv(x_o, kernel[:, :, :l_in], strides)  # [ll, rl]
+            from_new = self._conv(x_n, kernel[:, :, l_in:], strides)  # [lr, rr]
             ll, rl = from_old[..., :l_out], from_old[..., l_out:]
             lr, rr = from_new[..., :l_out], from_new[..., l_out:]
         old = ll + 2.0 * jax.nn.sigmoid(ll) * lr
@@ -417,7 +269,7 @@ class NRClassifier(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """x: (B, H, W, C) -> logits (B, K), or (B, 2, K) after rejuvenation."""
-        tracker = _tracking.active()
+        tracker = tracing.active()
         name = "/".join(self.scope.path)
         source = tracker.source_of(x, name) if tracker else None
         d_in = x.shape[-1]
@@ -440,7 +292,7 @@ class NRClassifier(nn.Module):
             out = jnp.stack([z_old, z_new], axis=1)
         if tracker is not None:
             tracker.units.append(
-                _tracking.UnitRecord(
+                tracing.UnitRecord(
                     name=name,
                     kind="classifier",
                     source=source,
@@ -476,40 +328,7 @@ def classifier_unit(
 
 def passthrough(fn: Callable[[Array], Array], x: Array) -> Array:
     """Applies a channel-preserving function `fn` and keeps the channel graph informed."""
-    return _tracking.passthrough(x, fn(x))
-
-
-def _pool_windows(x: Array, window: int) -> Array:
-    """(B, H, W, C) -> (B, H//k, W//k, C, k*k): the non-overlapping k x k windows."""
-    b, h, w, c = x.shape
-    h_out, w_out = h // window, w // window
-    blocks = x[:, : h_out * window, : w_out * window]
-    blocks = blocks.reshape(b, h_out, window, w_out, window, c).transpose(0, 1, 3, 5, 2, 4)
-    return blocks.reshape(b, h_out, w_out, c, window * window)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _block_max_pool(x: Array, window: int) -> Array:
-    return _pool_windows(x, window).max(axis=-1)
-
-
-def _block_max_pool_fwd(x: Array, window: int) -> tuple[Array, tuple[Array, tuple[int, ...]]]:
-    windows = _pool_windows(x, window)
-    first_max = jnp.argmax(windows, axis=-1).astype(jnp.int32)
-    return windows.max(axis=-1), (first_max, x.shape)
-
-
-def _block_max_pool_bwd(window: int, res: tuple[Array, tuple[int, ...]], dy: Array) -> tuple[Array]:
-    first_max, (b, h, w, c) = res
-    h_out, w_out = h // window, w // window
-    taps = jnp.arange(window * window, dtype=jnp.int32).reshape(1, 1, 1, 1, -1)
-    g = jnp.where(first_max[..., None] == taps, dy[..., None], jnp.zeros((), dy.dtype))
-    g = g.reshape(b, h_out, w_out, c, window, window).transpose(0, 1, 4, 2, 5, 3)
-    g = g.reshape(b, h_out * window, w_out * window, c)
-    return (jnp.pad(g, ((0, 0), (0, h - h_out * window), (0, w - w_out * window), (0, 0))),)
-
-
-_block_max_pool.defvjp(_block_max_pool_fwd, _block_max_pool_bwd)
+    return tracing.passthrough(x, fn(x))
 
 
 def max_pool(
@@ -517,16 +336,14 @@ def max_pool(
 ) -> Array:
     """Max pooling over H, W (channel-preserving).
 
-    Non-overlapping windows without padding (window == strides, "VALID": every VGG pool) take a
-    reshape and a max, and route the gradient to each window's first maximum, as `nn.max_pool`
-    does, in one elementwise pass; `nn.max_pool`'s gradient (a variadic reduce-window over index
-    iotas, then a scatter) is 2.5-4.5x slower on CPU and was about 40 ms of kernel time in a
-    130 ms `vgg_fmnist` step. Other pools are `nn.max_pool`.
+    Non-overlapping windows without padding (window == strides, "VALID": every VGG pool) are
+    `ops.block_max_pool` (a reshape and a max; the gradient goes to each window's first maximum,
+    as `nn.max_pool`'s does, 2.5-4.5x faster on CPU). Other pools are `nn.max_pool`.
     """
     s = strides or window
     if s == window and isinstance(padding, str) and padding.upper() == "VALID":
-        return _tracking.passthrough(x, _block_max_pool(x, window))
-    return _tracking.passthrough(x, nn.max_pool(x, (window, window), (s, s), padding))
+        return tracing.passthrough(x, ops.block_max_pool(x, window))
+    return tracing.passthrough(x, nn.max_pool(x, (window, window), (s, s), padding))
 
 
 def avg_pool(
@@ -534,12 +351,12 @@ def avg_pool(
 ) -> Array:
     """Average pooling over H, W (channel-preserving)."""
     s = strides or window
-    return _tracking.passthrough(x, nn.avg_pool(x, (window, window), (s, s), padding))
+    return tracing.passthrough(x, nn.avg_pool(x, (window, window), (s, s), padding))
 
 
 def relu(x: Array) -> Array:
     """ReLU (channel-preserving)."""
-    return _tracking.passthrough(x, nn.relu(x))
+    return tracing.passthrough(x, nn.relu(x))
 
 
 def identity(x: Array) -> Array:
@@ -552,10 +369,10 @@ def add(*xs: Array) -> Array:
     y = xs[0]
     for x in xs[1:]:
         y = y + x
-    tracker = _tracking.active()
+    tracker = tracing.active()
     if tracker is not None:
         sources = [tracker.source_of(x, "<add>") for x in xs]
-        out = _tracking.add_sources(sources)
+        out = tracing.add_sources(sources)
         tracker.ties.append(out[0][0])
         tracker.tag(y, out)
     return y
@@ -576,8 +393,8 @@ def concat(xs: Sequence[Array], splits: Sequence[int] | None = None) -> Array:
         old = [x[..., :k] for x, k in zip(xs, splits, strict=True)]
         new = [x[..., k:] for x, k in zip(xs, splits, strict=True)]
         y = jnp.concatenate(old + new, axis=-1)
-    tracker = _tracking.active()
+    tracker = tracing.active()
     if tracker is not None:
         sources = [tracker.source_of(x, "<concat>") for x in xs]
-        tracker.tag(y, _tracking.concat_sources(sources, splits))
+        tracker.tag(y, tracing.concat_sources(sources, splits))
     return y

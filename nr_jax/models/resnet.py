@@ -86,6 +86,9 @@ class ResNet(nn.Module):
       head_init: "he_fan_out" (official CIFAR ResNet, method.md 7.7) or "torchvision".
       gamma_init: initial BN scale (official ResNet: 1.0).
       dtype: computation dtype (None: float32).
+      conv_weight_grad: kernel-gradient mode of every unit (`nr_jax.layers.NRConv`).
+      batch_chunks: whether unit kernel gradients sum over batch chunks (False when the batch is
+        sharded over several devices; `nr_jax.layers.NRConv`).
     """
 
     stage_sizes: tuple[int, ...]
@@ -102,6 +105,8 @@ class ResNet(nn.Module):
     head_init: str = "he_fan_out"
     gamma_init: float = 1.0
     dtype: Any = None
+    conv_weight_grad: str = "auto"
+    batch_chunks: bool = True
 
     def _unit(
         self,
@@ -123,6 +128,8 @@ class ResNet(nn.Module):
             gamma_init=self.gamma_init,
             scheme=self.scheme,
             dtype=self.dtype,
+            conv_weight_grad=self.conv_weight_grad,
+            batch_chunks=self.batch_chunks,
         )
 
     @nn.compact

@@ -34,6 +34,9 @@ class VGG(nn.Module):
       scheme: how old and new neurons mix after rejuvenation (`nr_jax.layers.SCHEMES`).
       bias_in_both_heads: the official doubled classifier bias (method.md 7.6).
       dtype: computation dtype (None: float32).
+      conv_weight_grad: kernel-gradient mode of every unit (`nr_jax.layers.NRConv`).
+      batch_chunks: whether unit kernel gradients sum over batch chunks (False when the batch is
+        sharded over several devices; `nr_jax.layers.NRConv`).
     """
 
     cfg: tuple[Any, ...]
@@ -43,6 +46,8 @@ class VGG(nn.Module):
     scheme: str = "removed"
     bias_in_both_heads: bool = False
     dtype: Any = None
+    conv_weight_grad: str = "auto"
+    batch_chunks: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -60,6 +65,8 @@ class VGG(nn.Module):
                 gamma_init=self.gamma_init,
                 scheme=self.scheme,
                 dtype=self.dtype,
+                conv_weight_grad=self.conv_weight_grad,
+                batch_chunks=self.batch_chunks,
             )(x, train)
             i += 1
         head = layers.classifier_unit(

@@ -38,6 +38,9 @@ class VGGImageNet(nn.Module):
       scheme: how old and new neurons mix after rejuvenation (`nr_jax.layers.SCHEMES`).
       bias_in_both_heads: the official doubled classifier bias (method.md 7.6).
       dtype: computation dtype (None: float32).
+      conv_weight_grad: kernel-gradient mode of every unit (`nr_jax.layers.NRConv`).
+      batch_chunks: whether unit kernel gradients sum over batch chunks (False when the batch is
+        sharded over several devices; `nr_jax.layers.NRConv`).
     """
 
     cfg: tuple[Any, ...] = VGG16_NR
@@ -49,6 +52,8 @@ class VGGImageNet(nn.Module):
     scheme: str = "removed"
     bias_in_both_heads: bool = False
     dtype: Any = None
+    conv_weight_grad: str = "auto"
+    batch_chunks: bool = True
 
     def _unit(self, name: str, features: int, kernel_size: int) -> layers.NRConv:
         return layers.conv_unit(
@@ -59,6 +64,8 @@ class VGGImageNet(nn.Module):
             gamma_init=self.gamma_init,
             scheme=self.scheme,
             dtype=self.dtype,
+            conv_weight_grad=self.conv_weight_grad,
+            batch_chunks=self.batch_chunks,
         )
 
     @nn.compact
