@@ -208,10 +208,8 @@ class Checkpointer:
             # `multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0)` here
             # (`primary_host=None` where each host writes its own local storage).
         )
-        handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
-        self._manager = ocp.CheckpointManager(
-            self._directory, options=options, item_handlers=handlers
-        )
+        items = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self._directory, options=options, item_handlers=items)
         orbax_logging.install_filters()  # until close()
         self._closed = False
 
@@ -334,7 +332,7 @@ class Checkpointer:
         failures.append(f"{what} ({type(e).__name__}: {e})")
         if step is None:
             logger.warning(
-                "Corrupt checkpoint in %s, falling back: %s", self._directory, failures[-1]
+                "%s: corrupt checkpoint, falling back: %s", self._directory, failures[-1]
             )
 
     def _read_state(self, step: int, specs: PyTree) -> PyTree:
@@ -360,10 +358,7 @@ class Checkpointer:
             raise
         custom = (tree_meta.custom_metadata if tree_meta is not None else None) or {}
         if custom.get("nr_jax_format") != _FORMAT_VERSION:
-            found = custom.get("nr_jax_format")
-            raise CheckpointError(
-                f"state of step {step}: expected format {_FORMAT_VERSION}, got {found}"
-            )
+            raise CheckpointError(f"state of step {step} is not nr_jax format {_FORMAT_VERSION}")
         flat = ocp.tree.to_flat_dict(tree_meta.tree or {}, sep=".")
         shapes = {name: tuple(int(d) for d in leaf.shape) for name, leaf in flat.items()}
         shapes.update({name: tuple(shape) for name, shape in custom["zero_size"].items()})
