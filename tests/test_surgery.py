@@ -351,3 +351,48 @@ def test_rounded_allocation_keeps_budget_and_granularity(granularity):
     for name, w in res.report.widths_after.items():
         assert w % granularity == 0 or w == res.report.survivors[name]
         assert w >= res.report.survivors[name]
+
+
+def test_plan_then_apply_equals_rejuvenate():
+    """`rejuvenate` is liveness, `nr_jax.plan`, `apply_plan`: same key, bitwise the same result,
+    also through the plan's JSON; the optimiser state has exactly tx.init(new_params)'s layout."""
+    model, variables, graph = vgg_setup(seed=7)
+    tx = adamw_chain(graph)
+    state = warm_state(tx, variables["params"])
+    kwargs = {"resource": "flops", "allocation": nr_jax.rounded_allocation(4, resource="flops")}
+    want = nr_jax.rejuvenate(jax.random.key(4), model, variables, state, tx, graph, **kwargs)
+    plan = nr_jax.plan(graph, nr_jax.liveness(variables, graph), **kwargs)
+    assert plan.widths == want.report.widths_after and plan.r == want.report.r
+    assert plan.budget_after == want.report.counts_after.macs
+    plan = nr_jax.Plan.from_json(plan.to_json())
+    got = nr_jax.apply_plan(jax.random.key(4), plan, model, variables, state, tx, graph)
+    chex.assert_trees_all_equal(got.variables, want.variables)
+    chex.assert_trees_all_equal(got.opt_state, want.opt_state)
+    assert got.model == want.model and got.graph == want.graph and got.report == want.report
+    chex.assert_trees_all_equal_shapes_and_dtypes(got.opt_state, tx.init(got.variables["params"]))
+
+
+def test_apply_plan_rejects_a_plan_for_another_graph():
+    model, variables, graph = vgg_setup()
+    other = nr_jax.models.get("vgg_fmnist", num_classes=10)
+    other_graph = nr_jax.channel_graph(other, (1, 28, 28, 1))
+    rng = np.random.default_rng(0)
+    other_vars = jax.tree.map(
+        lambda s: rng.standard_normal(s.shape).astype(np.float32), other_graph.variable_shapes
+    )
+    plan = nr_jax.plan(other_graph, nr_jax.liveness(other_vars, other_graph))
+    with pytest.raises(ValueError, match="the plan is for units"):
+        nr_jax.apply_plan(jax.random.key(0), plan, model, variables, None, optax.identity(), graph)
+    with pytest.raises(TypeError, match="nr_jax.Plan"):
+        nr_jax.apply_plan(jax.random.key(0), {}, model, variables, None, optax.identity(), graph)
+
+
+def test_allocation_names_resolve():
+    assert nr_jax.allocation.resolve("sqrt") is nr_jax.sqrt_allocation
+    rule = nr_jax.allocation.resolve("round4", resource="flops", min_width=3)
+    assert (
+        rule(nr_jax.channel_graph(ThreeUnitNet(), X3.shape), {"a": 1, "b": 1, "c": 1}, 1.0)["c"]
+        >= 3
+    )
+    with pytest.raises(nr_jax.config.ConfigError, match=r"config.nr.allocation = 'cubic' is not"):
+        nr_jax.allocation.resolve("cubic")
