@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
+from typing import NamedTuple
 
 import chex
 import flax.linen as nn
@@ -262,13 +264,54 @@ def segment_masks(unit, out):
     return np.concatenate(parts)
 
 
-def kept_outputs(graph, live):
-    """Old indices of the channels a unit keeps: its live outputs; a tie keeps its stream's."""
-    keep = {u.name: np.asarray(live.out[u.name], bool) for u in graph.units}
+class Oracle(NamedTuple):
+    """Liveness on paper: `out`, `inp`, `dead` as `nr_jax.Liveness`; `kept` the old indices of
+    the output channels each unit keeps through rejuvenation."""
+
+    out: dict
+    inp: dict
+    dead: dict
+    kept: dict
+
+
+def oracle(graph, variables):
+    """Liveness from the variables' γ and masks alone, unit by unit in forward order.
+
+    method.md 2.1-2.3: a unit is all-dead when max |γ| < 1e-3, its mask is zero or none of its
+    inputs is live; a residual stream's channel is live when it is live by γ in a tied unit that
+    is not dead by γ or mask; a unit keeps its live outputs, a tied unit the stream's as long
+    as one of the tie is alive (its layout is shared, even by a dead member).
+    """
+    gamma = {
+        u.name: np.asarray(leaf(variables, ("params", u.name, "bn", "scale"))) for u in graph.units
+    }
+    silent = {
+        n: np.abs(g).max() < DEAD_THRESHOLD or not leaf(variables, (nr_jax.MASKS, n, "mask")).any()
+        for n, g in gamma.items()
+    }
+    stream = {}
     for tie in graph.ties:
-        stream = np.any([keep[n] for n in tie], axis=0)
-        keep.update(dict.fromkeys(tie, stream))
-    return {n: np.flatnonzero(m) for n, m in keep.items()}
+        alive = [own_live(gamma[n], graph[n].fixed) for n in sorted(tie) if not silent[n]]
+        width = graph[next(iter(tie))].out_channels
+        stream.update(dict.fromkeys(tie, np.any(alive, axis=0) if alive else np.zeros(width, bool)))
+    out, inp, dead = {}, {}, {}
+    for u in graph.all_units:
+        inp[u.name] = segment_masks(u, out)
+        if u.kind == "conv":
+            dead[u.name] = bool(silent[u.name] or not inp[u.name].any())
+            mine = stream[u.name] if u.name in stream else own_live(gamma[u.name], u.fixed)
+            out[u.name] = mine & (not dead[u.name])
+    kept = {n: np.flatnonzero(m) for n, m in out.items()}
+    for tie in graph.ties:
+        alive = any(not dead[n] for n in tie)
+        kept.update(dict.fromkeys(tie, np.flatnonzero(stream[next(iter(tie))] & alive)))
+    return Oracle(out, inp, dead, kept)
+
+
+def kept_outputs(graph, live):
+    """Old indices of the channels a unit keeps (from the oracle)."""
+    del graph
+    return live.kept
 
 
 def tie_groups(graph):
@@ -324,7 +367,10 @@ def feasible(graph, survivors, granularity, resource, tolerance):
 def test_liveness_follows_the_rules(setup):
     """Masks have the units' widths; each unit obeys method.md 2.1-2.2 given its inputs."""
     _, _, graph, gammas, masked = setup
-    live = host_liveness(graph, numpy_variables(graph, gammas, masked, seed=0))
+    variables = numpy_variables(graph, gammas, masked, seed=0)
+    live, want = host_liveness(graph, variables), oracle(graph, variables)
+    chex.assert_trees_all_equal((live.out, live.inp), (want.out, want.inp))
+    assert {n: bool(d) for n, d in live.dead.items()} == want.dead
     assert set(live.out) == set(live.dead) == {u.name for u in graph.units}
     assert set(live.inp) == {u.name for u in graph.all_units}
     for u in graph.all_units:
@@ -412,13 +458,14 @@ def test_numpy_path_equals_jitted_path(setup):
 def test_utilization_is_live_over_total(setup):
     """U = live / total in [0, 1], counted independently from the masks and the counters."""
     _, _, graph, gammas, masked = setup
-    live = host_liveness(graph, numpy_variables(graph, gammas, masked, seed=4))
+    variables = numpy_variables(graph, gammas, masked, seed=4)
+    live, want = host_liveness(graph, variables), oracle(graph, variables)
     counts = nr_jax.count(graph)
     params = nr_jax.utilization(live, graph)
     flops = nr_jax.utilization(live, graph, "flops")
     assert params.total == counts.conv and flops.total == counts.macs
     w_live = {
-        u.name: u.kernel[0] * u.kernel[1] * live.inp[u.name].sum() * live.out[u.name].sum()
+        u.name: u.kernel[0] * u.kernel[1] * want.inp[u.name].sum() * want.out[u.name].sum()
         for u in graph.units
     }
     assert params.live == sum(w_live.values())
@@ -465,6 +512,7 @@ def test_counts_match_the_variables(struct):
 # Widths and plans
 # --------------------------------------------------------------------------------------------
 
+RESOURCES_ = RESOURCES = st.sampled_from(["params", "flops"])
 RULES = {  # the allocation and its rule on paper (method.md 3.1-3.2)
     "sqrt": (nr_jax.sqrt_allocation, lambda n, r: math.floor(n * r)),
     "integer": (nr_jax.integer_allocation, lambda n, r: n * int(r)),
@@ -475,56 +523,110 @@ def survivor_counts(graph, live):
     return {n: len(k) for n, k in kept_outputs(graph, live).items()}
 
 
+def make_setup(struct, gammas, masked=frozenset()):
+    model, graph = build(struct)
+    return struct, model, graph, {n: np.asarray(g, np.float32) for n, g in gammas.items()}, masked
+
+
+def oracle_r(graph, live, resource):
+    """sqrt(all / live) of `resource`, counted from the oracle's masks (method.md 2.1, 3.2)."""
+    hw = lambda u: u.out_hw[0] * u.out_hw[1] if resource == "flops" else 1  # noqa: E731
+    k2 = lambda u: u.kernel[0] * u.kernel[1]  # noqa: E731
+    total = sum(k2(u) * hw(u) * u.in_channels * u.out_channels for u in graph.units)
+    used = sum(k2(u) * hw(u) * live.inp[u.name].sum() * live.out[u.name].sum() for u in graph.units)
+    return math.sqrt(total / used) if used else None
+
+
 @settings(PROFILE, max_examples=80)
-@given(
-    setups(),
-    st.sampled_from(sorted(RULES)),
-    st.floats(0.5, 4.0),
-    st.floats(0.0, 2.0),
-    st.integers(1, 3),
-)
-def test_plan_widths_follow_the_rule(setup, rule, r, dr, min_width):
-    """Survivors, floors, tied widths, input layout; widths grow with r."""
+@given(setups(), st.sampled_from(sorted(RULES)), RESOURCES_, st.integers(1, 3))
+def test_plan_follows_the_rule(setup, rule, resource, min_width):
+    """r, survivors, floors, all-dead units at min_width, tied widths, input layout, budget,
+    and an exact JSON round trip."""
     _, _, graph, gammas, masked = setup
-    live = host_liveness(graph, numpy_variables(graph, gammas, masked, seed=5))
+    variables = numpy_variables(graph, gammas, masked, seed=5)
+    want, live = oracle(graph, variables), host_liveness(graph, variables)
     allocation, on_paper = RULES[rule]
-    keep = kept_outputs(graph, live)
-    survivors = {n: len(k) for n, k in keep.items()}
-    raw = allocation(graph, survivors, r)
-    assert all(type(w) is int for w in raw.values())
-    plans = nr_jax.plan_widths(graph, live, r, allocation=allocation, min_width=min_width)
-    assert set(plans) == {u.name for u in graph.all_units}
-    for group in tie_groups(graph):
-        want = max(max(on_paper(survivors[n], r), survivors[n], min_width) for n in group)
-        assert [plans[n].d_out for n in sorted(group)] == [want] * len(group), group
+    r = oracle_r(graph, want, resource)
+    run = functools.partial(nr_jax.plan, graph, live, resource=resource, min_width=min_width)
+    if r is None:
+        with pytest.raises(ValueError, match="utilisation is 0"):
+            run(allocation=allocation)
+        return
+    plan = run(allocation=allocation)
+    assert plan.r == pytest.approx(r, rel=1e-6) and plan.resource == resource
+    assert [p.name for p in plan.units] == [u.name for u in graph.all_units]
     for u in graph.units:
-        p = plans[u.name]
-        assert type(p.d_out) is int and p.d_out >= max(survivors[u.name], min_width)
-        np.testing.assert_array_equal(p.out_src, keep[u.name])
-        assert p.dead == bool(live.dead[u.name])
+        p, keep = plan[u.name], want.kept[u.name]
+        floor = max(len(keep), min_width)
+        assert type(p.d_out) is int
+        assert p.d_out == (on_paper(floor, plan.r) if len(keep) else min_width), u.name
+        assert p.out_src == tuple(keep.tolist()) and p.dead == want.dead[u.name]
+    for group in tie_groups(graph):
+        assert len({plan[n].d_out for n in group}) == 1, group
     for u in graph.all_units:
-        p = plans[u.name]
-        np.testing.assert_array_equal(p.in_src, np.flatnonzero(live.inp[u.name]))
+        p = plan[u.name]
+        assert p.in_src == tuple(np.flatnonzero(want.inp[u.name]).tolist())
         assert p.d_in == sum(
-            stop - start if INPUT in prod else plans[next(iter(prod))].d_out
+            stop - start if INPUT in prod else plan[next(iter(prod))].d_out
             for prod, start, stop in u.inputs
         )
-    head = plans[graph.classifier.name]
+    head = plan[graph.classifier.name]
     assert head.d_out == NUM_CLASSES and not head.dead
-    np.testing.assert_array_equal(head.out_src, np.arange(NUM_CLASSES))
-    wider = nr_jax.plan_widths(graph, live, r + dr, allocation=allocation, min_width=min_width)
-    assert all(wider[n].d_out >= plans[n].d_out for n in plans)
+    assert head.out_src == tuple(range(NUM_CLASSES))
+    assert plan.budget_before == cost(graph, graph.widths, resource)
+    assert plan.budget_after == cost(graph, plan.widths, resource)
+    assert nr_jax.Plan.from_json(plan.to_json()) == plan
+    assert json.loads(plan.to_json()) == plan.as_dict()
+
+
+@settings(PROFILE, max_examples=40)
+@given(
+    st.sampled_from(sorted(RULES)),
+    st.lists(st.integers(0, 50), min_size=1, max_size=5),
+    st.floats(1.0, 4.0),
+    st.floats(0.0, 2.0),
+)
+def test_rules_keep_survivors_and_grow_with_r(rule, counts, r, dr):
+    """A rule gives every unit at least its survivors (r >= 1), integers, more with a larger r."""
+    allocation, _ = RULES[rule]
+    survivors = {f"u{i}": n for i, n in enumerate(counts)}
+    widths = allocation(None, survivors, r)
+    wider = allocation(None, survivors, r + dr)
+    for n, k in survivors.items():
+        assert type(widths[n]) is int and k <= widths[n] <= wider[n], n
+
+
+# c0 keeps 10 of 12, c1 keeps its 1 channel, min_width 2, g = 2: the rounded rule once planned
+# c1 = 1 (exactly L) and filled the budget with c0; min_width then raised c1 to 2, 3.6% over it.
+# The planner now gives the rule max(L, min_width) and refuses a width below it.
+MIN_WIDTH_REPRO = make_setup(
+    ("chain", 3, True, ((12, 3, 1, False), (1, 1, 1, False))),
+    {"c0": [1.0] * 10 + [0.003] * 2, "c1": [1.0]},
+)
+
+
+def test_planner_refuses_widths_below_the_floor():
+    _, _, graph, gammas, masked = MIN_WIDTH_REPRO
+    live = host_liveness(graph, numpy_variables(graph, gammas, masked, seed=0))
+
+    def live_counts(graph, survivors, r):  # ignores the floor it is given
+        return {n: int(np.sum(live.out[n])) for n in survivors}
+
+    with pytest.raises(ValueError, match=r"1 channels for unit 'c1', below its floor 2"):
+        nr_jax.plan(graph, live, allocation=live_counts, min_width=2)
+    for rule in (nr_jax.rounded_allocation(2), nr_jax.rounded_allocation(2, min_width=2)):
+        plan = nr_jax.plan(graph, live, allocation=rule, min_width=2)
+        assert plan.widths["c1"] >= 2
+        assert plan.budget_after <= 1.01 * plan.budget_before
 
 
 GRANULARITIES = st.sampled_from([2, 3, 4, 8])
-RESOURCES = st.sampled_from(["params", "flops"])
 
 
 def _rounded(setup, granularity, resource, r, seed):
     _, _, graph, gammas, masked = setup
-    live = host_liveness(graph, numpy_variables(graph, gammas, masked, seed=seed))
-    survivors = survivor_counts(graph, live)
-    widths = nr_jax.rounded_allocation(granularity, resource)(graph, survivors, r)
+    survivors = survivor_counts(graph, oracle(graph, numpy_variables(graph, gammas, masked, seed)))
+    widths = nr_jax.rounded_allocation(granularity, resource=resource)(graph, survivors, r)
     return graph, survivors, widths
 
 
@@ -552,11 +654,6 @@ def test_rounded_allocation_floors_ties_and_cap(setup, granularity, resource, r)
 
 
 NO_SHRINK = settings(PROFILE, phases=[Phase.explicit, Phase.generate])
-
-
-def make_setup(struct, gammas, masked=frozenset()):
-    model, graph = build(struct)
-    return struct, model, graph, {n: np.asarray(g, np.float32) for n, g in gammas.items()}, masked
 
 
 # c0 3x3 1->5 keeps 4, c1 1x1 5->4 keeps 4, g = 3: c1 gets 7 (4 + one granule)
@@ -617,10 +714,14 @@ TXS = {
         optax.sgd(0.1, momentum=0.9),
     ),
 }
-ALLOCATIONS = {
-    "sqrt": lambda resource: nr_jax.sqrt_allocation,
-    "round2": lambda resource: nr_jax.rounded_allocation(2, resource),
-    "round4": lambda resource: nr_jax.rounded_allocation(4, resource),
+ALLOCATIONS = {  # built with the run's resource and floor, as `nr_jax.allocation.resolve` does
+    "sqrt": lambda resource, min_width: nr_jax.sqrt_allocation,
+    "round2": lambda resource, min_width: nr_jax.rounded_allocation(
+        2, resource=resource, min_width=min_width
+    ),
+    "round4": lambda resource, min_width: nr_jax.rounded_allocation(
+        4, resource=resource, min_width=min_width
+    ),
 }
 
 
@@ -773,14 +874,6 @@ def check_counts(graph, res):
     assert counts.effective_macs == eff_macs <= counts.macs
 
 
-# c0 keeps 10 of 12, c1 keeps its 1 channel, min_width 2, g = 2: the rounded rule once planned
-# c1 = 1 (exactly L) and filled the budget with c0; min_width then raised c1 to 2, 3.6% over it
-MIN_WIDTH_REPRO = make_setup(
-    ("chain", 3, True, ((12, 3, 1, False), (1, 1, 1, False))),
-    {"c0": [1.0] * 10 + [0.003] * 2, "c1": [1.0]},
-)
-
-
 @settings(PROFILE, max_examples=100)
 @given(
     setups(),
@@ -798,7 +891,7 @@ def test_rejuvenate_numpy_trees(setup, tx_name, allocation, resource, min_width,
     tx = TXS[tx_name](graph)
     state = numpy_opt_state(tx, variables["params"], seed)
     before = jax.tree.map(np.copy, (variables, state))
-    live = host_liveness(graph, variables)
+    live = oracle(graph, variables)
     run = functools.partial(
         nr_jax.rejuvenate,
         model=model,
@@ -807,7 +900,7 @@ def test_rejuvenate_numpy_trees(setup, tx_name, allocation, resource, min_width,
         tx=tx,
         graph=graph,
         resource=resource,
-        allocation=ALLOCATIONS[allocation](resource),
+        allocation=ALLOCATIONS[allocation](resource, min_width),
         min_width=min_width,
     )
     event(f"family {setup[0][0]}, {sum(map(bool, live.dead.values()))} dead unit(s)")
