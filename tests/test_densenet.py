@@ -1,9 +1,10 @@
 """DenseNet: liveness through concatenations on paper, rejuvenation's [survivors, new] layout.
 
 The crux (method.md 7.5): after rejuvenation a dense consumer must see [survivors of every
-producer, new channels of every producer]. The function-preservation test checks it end to end:
-the survivors' head of the rejuvenated network reproduces the old network with its dead channels
-zeroed, through every concatenation.
+producer, new channels of every producer]. The layout is checked on paper here; the family
+contract (tests/test_families.py) checks it end to end on densenet_tiny: survivors bit-identical,
+momentum following its channels, and the survivors' head of the rejuvenated network reproducing
+the old network with its dead channels zeroed, through every concatenation.
 """
 
 import math
@@ -14,11 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import apply, init, random_gammas, set_gammas, zero_dead
+from helpers import apply, init, one_sgd_step, random_gammas, set_gammas, sgd_chain, zero_dead
 
 import nr_jax
-from nr_jax import train
-from nr_jax.config import base_config
 from nr_jax.graph import INPUT
 from nr_jax.models.densenet import DenseNet
 
@@ -40,23 +39,6 @@ HAND_GAMMAS = {
     "b1l2_conv1": [0.5, 0.5],  # live [1, 1], from concat(stem, l1) = [1, 0, 1, 1, 0]
     "b1l2_conv2": [0.0, 1.0],  # live [0, 1]
 }
-
-
-def sgd_chain(graph):
-    return optax.chain(
-        nr_jax.l1_bn_scales(graph, 1e-4),
-        optax.add_decayed_weights(1e-4),
-        optax.sgd(0.1, momentum=0.9),
-    )
-
-
-def warm_state(tx, params, seed=0):
-    """An optimiser state with random non-zero moments (host arrays, nothing to compile)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda s: rng.standard_normal(np.shape(s)).astype(s.dtype) if np.ndim(s) else s,
-        tx.init(params),
-    )
 
 
 def tiny_setup(seed=0, dead_frac=0.5, gammas=None):
@@ -154,73 +136,6 @@ def test_utilization_on_paper():
     np.testing.assert_array_equal(new[:, :, :3, :2], old[:, :, [0, 2, 3]])
 
 
-def test_rejuvenation_invariants():
-    model, variables, graph = tiny_setup(seed=0)
-    tx = sgd_chain(graph)
-    state = warm_state(tx, variables["params"])
-    live = nr_jax.liveness(jax.device_get(variables), graph)
-    res = nr_jax.rejuvenate(key(3), model, variables, state, tx, graph)
-    new_params = res.variables["params"]
-    chex.assert_trees_all_equal_shapes_and_dtypes(
-        res.variables, jax.eval_shape(lambda: init(res.model, key(0), X))
-    )
-    chex.assert_trees_all_equal_shapes_and_dtypes(res.opt_state, tx.init(new_params))
-    chex.assert_tree_all_finite(res.variables)
-    chex.assert_tree_all_finite(res.opt_state)
-    grown = 0
-    for u in graph.units:
-        keep_out, keep_in = np.flatnonzero(live.out[u.name]), np.flatnonzero(live.inp[u.name])
-        lo, li = len(keep_out), len(keep_in)
-        new_u = res.graph[u.name]
-        assert (new_u.in_split, new_u.out_split) == (li, lo)
-        grown += new_u.in_channels > li
-        old_k = np.asarray(variables["params"][u.name]["kernel"])
-        new_k = np.asarray(new_params[u.name]["kernel"])
-        np.testing.assert_array_equal(new_k[:, :, :li, :lo], old_k[:, :, keep_in][..., keep_out])
-        assert not np.any(new_k[:, :, li:, :lo])  # new inputs never reach survivors
-        for coll, leaf, fill in (
-            ("params", "scale", 0.5),
-            ("params", "bias", 0.0),
-            ("batch_stats", "mean", 0.0),
-            ("batch_stats", "var", 1.0),
-        ):
-            old = np.asarray(variables[coll][u.name]["bn"][leaf])
-            new = np.asarray(res.variables[coll][u.name]["bn"][leaf])
-            np.testing.assert_array_equal(new[:lo], old[keep_out])
-            np.testing.assert_array_equal(new[lo:], fill)
-    assert grown >= len(graph.units) - 1  # every unit but the stem sees new inputs
-    # the momentum of a concatenation consumer follows its channels
-    keep_out = np.flatnonzero(live.out["b2l2_conv1"])
-    keep_in = np.flatnonzero(live.inp["b2l2_conv1"])
-    old_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    new_leaves = dict(jax.tree_util.tree_flatten_with_path(res.opt_state)[0])
-    moments = [
-        (p, v)
-        for p, v in old_leaves
-        if "'b2l2_conv1'" in jax.tree_util.keystr(p) and np.ndim(v) == 4
-    ]
-    assert moments
-    for path, old in moments:
-        new = np.asarray(new_leaves[path])
-        li, lo = len(keep_in), len(keep_out)
-        np.testing.assert_array_equal(
-            new[:, :, :li, :lo], np.asarray(old)[:, :, keep_in][..., keep_out]
-        )
-        assert not np.any(new[:, :, li:, :]) and not np.any(new[:, :, :, lo:])
-
-
-def test_survivor_path_reproduces_old_network_through_concatenations():
-    model, variables, graph = tiny_setup(seed=1)
-    live = nr_jax.liveness(jax.device_get(variables), graph)
-    reference = apply(model, zero_dead(variables, live), X)
-    res = nr_jax.rejuvenate(key(5), model, variables, None, optax.identity(), graph)
-    out = apply(res.model, res.variables, X)
-    assert out.shape == (X.shape[0], 2, 10)
-    assert float(jnp.max(jnp.abs(reference))) > 1e-3  # the comparison is not vacuous
-    chex.assert_trees_all_close(out[:, 0], reference, atol=1e-5, rtol=1e-5)
-    chex.assert_tree_all_finite(out)
-
-
 @pytest.mark.parametrize(
     "killed, dead_units",
     [
@@ -280,74 +195,12 @@ def test_integer_allocation_doubles_every_width():
     assert after.total <= before.total
 
 
-def test_train_steps_with_one_rejuvenation():
-    config = base_config()
-    config.model = "densenet_tiny"
-    config.nr.allocation = "integer"
-    config.nr.lam = 1e-3
-    config.progress = False
-    config.data_parallel = False  # trace counts on one device (sharding: tests/test_train.py)
-    trainer = train.Trainer(config, workdir="")
-    state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), key(0))
-    rng = np.random.default_rng(0)
-
-    def batch():
-        return {
-            "image": jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
-            "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
-            "mask": jnp.ones((8,), jnp.float32),
-        }
-
-    for _ in range(2):
-        state, metrics = trainer.steps.train(state, batch())
-    assert 0 < float(metrics["utilization"]) <= 1
-    variables, gammas = random_gammas(jax.device_get(state.variables), trainer.graph, 3, 0.6)
-    state = state.replace(params=variables["params"])
-    res = nr_jax.rejuvenate(
-        key(1),
-        trainer.model,
-        state.variables,
-        state.opt_state,
-        trainer.tx,
-        trainer.graph,
-        allocation=nr_jax.integer_allocation,
-    )
-    assert res.report.r >= 2
-    trainer.set_widths(res.model.widths)
-    state = state.replace(
-        params=res.variables["params"],
-        batch_stats=res.variables["batch_stats"],
-        masks=res.variables[nr_jax.MASKS],
-        opt_state=nr_jax.set_lambda(res.opt_state, 0.0),
-    )
-    for _ in range(2):
-        state, metrics = trainer.steps.train(state, batch())
-    assert trainer.counter == {"train": 2}
-    assert "accuracy_old" in metrics and np.isfinite(float(metrics["loss"]))
-    chex.assert_tree_all_finite(state.params)
-
-
 def _one_train_step(model, shape):
     x = jnp.ones(shape, jnp.float32)
-    variables = init(model, key(0), x)
     graph = nr_jax.channel_graph(model, shape)
-    tx = sgd_chain(graph)
+    variables = init(model, key(0), x)
     labels = jnp.zeros((shape[0],), jnp.int32)
-
-    @jax.jit
-    def step(variables, opt_state):
-        def loss_fn(params):
-            out, upd = model.apply(
-                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
-            )
-            return nr_jax.nr_loss(out, labels), upd
-
-        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        updates, opt_state = tx.update(grads, opt_state, variables["params"])
-        params = optax.apply_updates(variables["params"], updates)
-        return {**variables, **upd, "params": params}, opt_state, loss
-
-    variables, _, loss = step(variables, tx.init(variables["params"]))
+    variables, _, loss = one_sgd_step(model, sgd_chain(graph), variables, x, labels)
     assert np.isfinite(float(loss))
     chex.assert_tree_all_finite(variables["params"])
 

@@ -1,4 +1,9 @@
-"""ResNets as NR models: residual ties, fixed units, rejuvenation invariants, sizes, training."""
+"""ResNets as NR models: residual ties, fixed units, prunable streams, dead branches, sizes.
+
+What every family keeps (survivors bit-identical, the survivors' function, effective parameters
+at U ~ 0.25, the trainer through one rejuvenation) is checked on the tiny ResNets, official and
+prune_residual, in tests/test_families.py.
+"""
 
 import math
 
@@ -8,81 +13,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import apply, init, random_gammas, set_gammas, zero_dead
+from helpers import (
+    apply,
+    gammas_at_utilization,
+    host_variables,
+    init,
+    kept_outputs,
+    one_sgd_step,
+    random_gammas,
+    set_gammas,
+    sgd_chain,
+    zero_dead,
+)
 
 import nr_jax
-from nr_jax import train
-from nr_jax.config import base_config
 from nr_jax.models.resnet import ResNet
 
 XV = jax.random.normal(jax.random.key(7), (4, 8, 8, 3))  # tiny CIFAR nets: 8x8 -> 4x4 -> 2x2
 
 
-def sgd_chain(graph):
-    return optax.chain(
-        nr_jax.l1_bn_scales(graph, 1e-4),
-        optax.add_decayed_weights(1e-4),
-        optax.sgd(0.1, momentum=0.9),
-    )
-
-
-def _trace(opt_state):
-    """The momentum tree of `sgd_chain`'s state (l1, decay, (trace, scale))."""
-    return opt_state[2][0].trace
-
-
-def warm_state(tx, params, seed=0):
-    """A state of `tx` for `params` with random momentum buffers and λ = 1e-4 (host numpy)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda x: (
-            rng.standard_normal(x.shape).astype(x.dtype) if x.ndim else np.full((), 1e-4, x.dtype)
-        ),
-        jax.eval_shape(tx.init, params),
-    )
-
-
-def host_variables(graph, seed=0):
-    """Random numpy variables of the graph's shapes: model.init without its (slow) compile.
-
-    Kernels N(0, 2/fan_out), BN β, running mean and variance random, γ 1, masks 1.
-    """
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        coll, last = path[0].key, path[-1].key
-        if coll == nr_jax.MASKS or last == "scale":
-            return np.ones(s.shape, s.dtype)
-        if last == "var":
-            return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
-        if last == "kernel":
-            std = math.sqrt(2.0 / (math.prod(s.shape[:-2]) * s.shape[-1]))
-            return (std * rng.standard_normal(s.shape)).astype(s.dtype)
-        return (0.1 * rng.standard_normal(s.shape)).astype(s.dtype)  # β, mean, head bias
-
-    return jax.tree_util.tree_map_with_path(leaf, graph.variable_shapes)
-
-
 def host_liveness(variables, graph):
     """Liveness on the host (numpy path: nothing is compiled)."""
     return nr_jax.liveness(jax.device_get(variables), graph)
-
-
-def gammas_at_utilization(variables, graph, target, seed=0, iters=12):
-    """Random γ (helpers.random_gammas) with the dead fraction bisected so that U ~ target."""
-
-    def at(frac):
-        v = jax.device_get(random_gammas(variables, graph, seed, frac)[0])
-        return float(nr_jax.utilization(nr_jax.liveness(v, graph), graph).ratio), v
-
-    lo, hi = 0.0, 1.0
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if at(mid)[0] > target:
-            lo = mid
-        else:
-            hi = mid
-    return at(hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +179,21 @@ def test_prune_residual_stream(net2, prune):
 DEAD_BRANCH = "s2b1"  # every γ of s2b1_conv1 ~0: the whole branch dies, its shortcut is identity
 
 
+@pytest.mark.parametrize("name", ["resnet_tiny_basic", "resnet_tiny_cifar"])
+@pytest.mark.parametrize("prune", [False, True])
+def test_tiny_fixed_units_follow_the_official_rule(name, prune):
+    """Official: the residual streams (and the stem) are fixed, so only interior convs get L1;
+    prune_residual: every conv is prunable (method.md 2.3)."""
+    graph = nr_jax.channel_graph(
+        nr_jax.models.get(name, num_classes=10, prune_residual=prune), XV.shape
+    )
+    tied = {n for t in graph.ties for n in t}
+    assert len(graph.ties) == (2 if name.endswith("basic") else 3)
+    fixed = {u.name for u in graph.units if u.fixed}
+    assert fixed == (set() if prune else tied | {"stem"})
+    assert (("stem", "bn", "scale") in graph.l1_scale_paths()) == prune
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["official", "prune_residual"])
 def tiny_rejuvenated(request):
     prune = request.param
@@ -234,25 +201,15 @@ def tiny_rejuvenated(request):
     graph = nr_jax.channel_graph(model, XV.shape)
     variables, _ = random_gammas(host_variables(graph), graph, seed=1, dead_frac=0.5)
     variables = set_gammas(variables, {f"{DEAD_BRANCH}_conv1": np.full(8, 1e-5, np.float32)})
-    tx = sgd_chain(graph)
-    state = warm_state(tx, variables["params"])
     live = host_liveness(variables, graph)
-    res = nr_jax.rejuvenate(jax.random.key(3), model, variables, state, tx, graph)
-    return prune, variables, graph, tx, state, live, res
+    res = nr_jax.rejuvenate(jax.random.key(3), model, variables, None, optax.identity(), graph)
+    return prune, graph, live, res
 
 
-def test_tiny_invariants(tiny_rejuvenated):
-    prune, variables, graph, tx, state, live, res = tiny_rejuvenated
-    new_params = res.variables["params"]
-    chex.assert_trees_all_equal_shapes_and_dtypes(
-        res.variables, jax.eval_shape(lambda: res.model.init(jax.random.key(0), XV))
-    )
-    chex.assert_trees_all_equal_shapes_and_dtypes(
-        res.opt_state, jax.eval_shape(tx.init, new_params)
-    )
-    chex.assert_tree_all_finite(res.variables)
-    chex.assert_tree_all_finite(res.opt_state)
-    # residual ties survive, with one width and one split point per stream
+def test_tiny_streams(tiny_rejuvenated):
+    """Residual ties survive rejuvenation with one width and one split point per stream; every
+    live unit of a stream sees the same stream mask, which narrows only with prune_residual."""
+    prune, graph, live, res = tiny_rejuvenated
     assert len(res.graph.ties) == len(graph.ties) == 3
     for tie in res.graph.ties:
         assert len({(res.graph[n].out_channels, res.graph[n].out_split) for n in tie}) == 1
@@ -265,59 +222,10 @@ def test_tiny_invariants(tiny_rejuvenated):
         assert not all(np.all(m) for m in streams)
     else:
         assert all(np.all(m) for m in streams)
-    # survivors are bit-identical; layout [survivors, new]; new inputs never reach survivors;
-    # the momentum follows its channels (survivors carried, new slots zero)
-    old_m, new_m = _trace(state), _trace(res.opt_state)
-    for u in graph.units:
-        keep_out = np.flatnonzero(_plan_out(live, graph, u.name))
-        keep_in = np.flatnonzero(live.inp[u.name])
-        lo, li = len(keep_out), len(keep_in)
-        assert (res.graph[u.name].in_split, res.graph[u.name].out_split) == (li, lo)
-        old_k = np.asarray(variables["params"][u.name]["kernel"])
-        new_k = np.asarray(new_params[u.name]["kernel"])
-        np.testing.assert_array_equal(new_k[:, :, :li, :lo], old_k[:, :, keep_in][..., keep_out])
-        assert not np.any(new_k[:, :, li:, :lo])
-        for coll, leaf, fill in (
-            ("params", "scale", 0.5),
-            ("params", "bias", 0.0),
-            ("batch_stats", "mean", 0.0),
-            ("batch_stats", "var", 1.0),
-        ):
-            old = np.asarray(variables[coll][u.name]["bn"][leaf])
-            new = np.asarray(res.variables[coll][u.name]["bn"][leaf])
-            np.testing.assert_array_equal(new[:lo], old[keep_out])
-            np.testing.assert_array_equal(new[lo:], fill)
-        old = np.asarray(old_m[u.name]["kernel"])
-        new = np.asarray(new_m[u.name]["kernel"])
-        np.testing.assert_array_equal(new[:, :, :li, :lo], old[:, :, keep_in][..., keep_out])
-        assert not np.any(new[:, :, li:]) and not np.any(new[:, :, :, lo:])
-    keep_in = np.flatnonzero(live.inp["head"])
-    np.testing.assert_array_equal(
-        np.asarray(new_params["head"]["kernel"])[: len(keep_in)],
-        np.asarray(variables["params"]["head"]["kernel"])[keep_in],
-    )
-
-
-def _plan_out(live, graph, name):
-    """Kept output channels: a tied unit keeps its stream's channels even when it is dead."""
-    u = graph[name]
-    if u.tie is None:
-        return live.out[name]
-    return np.any([live.out[n] for n in graph.ties[u.tie]], axis=0)
-
-
-def test_tiny_survivor_path_reproduces_old_network(tiny_rejuvenated):
-    _, variables, _, _, _, live, res = tiny_rejuvenated
-    base = nr_jax.models.get("resnet_tiny_cifar", num_classes=10)  # the same forward either way
-    reference = apply(base, zero_dead(variables, live), XV)
-    out = apply(res.model, res.variables, XV)
-    assert out.shape == (XV.shape[0], 2, 10)
-    chex.assert_tree_all_finite(out)
-    chex.assert_trees_all_close(out[:, 0], reference, atol=1e-5, rtol=1e-5)
 
 
 def test_dead_branch(tiny_rejuvenated):
-    prune, _, graph, _, _, live, res = tiny_rejuvenated
+    prune, graph, live, res = tiny_rejuvenated
     b = DEAD_BRANCH
     assert bool(live.dead[f"{b}_conv1"]) and bool(live.dead[f"{b}_conv3"])  # no live input
     assert set(res.report.dead_units) == {f"{b}_conv1", f"{b}_conv2", f"{b}_conv3"}
@@ -329,82 +237,12 @@ def test_dead_branch(tiny_rejuvenated):
     stream = graph.ties[graph["s2b0_down"].tie]
     assert {"s2b0_conv3", "s2b0_down", f"{b}_conv3"} == stream
     width, survivors = g["s2b0_down"].out_channels, g["s2b0_down"].out_split
-    assert survivors == (int(np.sum(_plan_out(live, graph, "s2b0_down"))) if prune else 32)
+    assert survivors == (int(np.sum(kept_outputs(live, graph, "s2b0_down"))) if prune else 32)
     assert width == max(math.floor(survivors * res.report.r), survivors)
     assert g[f"{b}_conv3"].out_channels == width and g[f"{b}_conv3"].out_split == survivors
     np.testing.assert_array_equal(masks[f"{b}_conv3"]["mask"], np.zeros(width))
     assert g["s3b0_conv1"].in_channels == g["s3b0_down"].in_channels == width
     assert g["s3b0_down"].in_split == survivors
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Effective parameters after rejuvenation at U ~ 0.25 (method.md 5.3)
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name, prune", [("resnet_tiny_basic", False), ("resnet_tiny_cifar", True)])
-def test_tiny_effective_params_at_quarter_utilization(name, prune):
-    model = nr_jax.models.get(name, num_classes=10, prune_residual=prune)
-    graph = nr_jax.channel_graph(model, XV.shape)
-    u, variables = gammas_at_utilization(host_variables(graph), graph, 0.25)
-    assert 0.2 <= u <= 0.25
-    res = nr_jax.rejuvenate(jax.random.key(0), model, variables, None, optax.identity(), graph)
-    before, after = res.report.counts_before, res.report.counts_after
-    assert 0.8 * before.total <= after.total <= 1.05 * before.total  # the budget is restored
-    assert 0.45 <= after.effective / before.total <= 0.65  # ~ (1 + (r-1)^2) U + BN, head
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. A few training steps with one rejuvenation
-# ---------------------------------------------------------------------------------------------
-
-
-def synthetic_batch(seed, n=8, hw=28):
-    rng = np.random.default_rng(seed)
-    return {
-        "image": jnp.asarray(rng.normal(size=(n, hw, hw, 1)), jnp.float32),
-        "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32),
-        "mask": jnp.ones((n,), jnp.float32),
-    }
-
-
-@pytest.mark.parametrize(
-    "name, prune, steps_before", [("resnet_tiny_basic", True, 2), ("resnet_tiny_cifar", False, 0)]
-)
-def test_train_with_one_rejuvenation(name, prune, steps_before):
-    """Trainer steps, a forced rejuvenation by the controller, steps on the new widths.
-
-    Compile time dominates on CPU: the PRNG key is `unsafe_rbg` (init compiles ~3x faster than
-    with threefry) and the bottleneck net skips the pre-rejuvenation steps (the basic net runs
-    them; the slow tests run one pre-rejuvenation step of every full-size model).
-    """
-    config = base_config()
-    config.model = name
-    config.model_kwargs.prune_residual = prune
-    config.nr.lam = 1e-2
-    config.nr.target = 0.99
-    config.progress = False
-    config.data_parallel = False  # trace counts on one device (sharding: tests/test_train.py)
-    trainer = train.Trainer(config, workdir="")
-    assert (("stem", "bn", "scale") in trainer.graph.l1_scale_paths()) == prune
-    key = jax.random.key(0, impl="unsafe_rbg")
-    state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), key)
-    for i in range(steps_before):
-        state, metrics = trainer.steps.train(state, synthetic_batch(i))
-        assert float(metrics["utilization"]) == 1.0
-    # force the rejuvenation: random dead channels
-    variables, _ = random_gammas(state.variables, trainer.graph, seed=3, dead_frac=0.5)
-    state, event = trainer.controller(state.replace(params=variables["params"]), jax.random.key(1))
-    assert "rejuvenation" in event and trainer.graph.rejuvenated
-    tied = {n for t in trainer.graph.ties for n in t}
-    assert all(trainer.graph[n].out_split is not None for n in tied)
-    before = jax.device_get(state.params)
-    for i in range(2):
-        state, metrics = trainer.steps.train(state, synthetic_batch(10 + i))
-    assert trainer.counter == {"train": 2 if steps_before else 1}
-    assert "accuracy_old" in metrics and np.isfinite(float(metrics["loss"]))
-    chex.assert_tree_all_finite(state.params)
-    assert not np.array_equal(before["stem"]["kernel"], state.params["stem"]["kernel"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,25 +272,10 @@ def test_full_size_counts_and_one_train_step(name, classes, hw, params_m, gmacs,
     if classes == 100:
         return  # same network as the 10-class one but for the head
     x = jax.random.normal(jax.random.key(0), (2, hw, hw, 3))
-    labels = jnp.arange(2) % classes
     variables = init(model, jax.random.key(0, impl="unsafe_rbg"), x)  # compiles ~3x faster
-    tx = sgd_chain(graph)
-    opt_state = tx.init(variables["params"])
-
-    @jax.jit
-    def step(variables, opt_state):
-        def loss_fn(p):
-            out, upd = model.apply(
-                {**variables, "params": p}, x, train=True, mutable=["batch_stats"]
-            )
-            return nr_jax.nr_loss(out, labels), upd
-
-        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        updates, opt_state = tx.update(grads, opt_state, variables["params"])
-        params = optax.apply_updates(variables["params"], updates)
-        return {**variables, "params": params, **upd}, opt_state, loss
-
-    variables, opt_state, loss = step(variables, opt_state)
+    variables, _, loss = one_sgd_step(
+        model, sgd_chain(graph), variables, x, jnp.arange(2) % classes
+    )
     assert np.isfinite(float(loss))
     chex.assert_tree_all_finite(variables)
 
