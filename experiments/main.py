@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from nr_jax import train
+from nr_jax.callbacks import Callbacks
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
@@ -21,10 +22,11 @@ flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and plo
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], callbacks: Callbacks | None = None) -> None:
+    """Runs `--config` in `--workdir`; `callbacks` for launchers that wrap this entry point."""
     del argv
     logging.getLogger("nr_jax").setLevel(logging.INFO)
-    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, callbacks=callbacks)
     print(json.dumps(summary, indent=1, default=str))  # the run's result, for people and scripts
 
 

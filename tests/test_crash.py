@@ -1,10 +1,11 @@
 """Crash safety and determinism of real runs (`experiments.main` in subprocesses).
 
-A run is killed with SIGKILL (`nr_jax.faults`) at seven points — mid-epoch during the search,
-during a checkpoint save, during evaluation, right after rejuvenation, right after the rejuvenated
-checkpoint, mid-epoch after rejuvenation, and after the last epoch before the summary — and
-resumed each time in the same workdir. Its metrics must equal, record for record, those of an
-uninterrupted run; and two uninterrupted runs with the same seed must agree exactly.
+A run is killed with SIGKILL by `tests/fault_launcher.py` (hooks of `nr_jax.callbacks.Callbacks`)
+at seven points — mid-epoch during the search, during a checkpoint save, during evaluation, right
+after rejuvenation, right after the rejuvenated checkpoint, mid-epoch after rejuvenation, and after
+the last epoch before the summary — and resumed each time in the same workdir. Its metrics must
+equal, record for record, those of an uninterrupted run; and two uninterrupted runs with the same
+seed must agree exactly.
 """
 
 import json
@@ -18,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests" / "configs" / "tiny_run.py"
+LAUNCHER = ROOT / "tests" / "fault_launcher.py"
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 pytestmark = [
@@ -32,10 +34,9 @@ pytestmark = [
 def run(workdir: Path, cache: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
-    env.pop("NR_JAX_FAULT", None)
+    cmd = [sys.executable, str(LAUNCHER), f"--config={CONFIG}", f"--workdir={workdir}"]
     if fault:
-        env["NR_JAX_FAULT"] = fault
-    cmd = [sys.executable, "-m", "experiments.main", f"--config={CONFIG}", f"--workdir={workdir}"]
+        cmd.append(f"--fault={fault}")
     cmd.append(f"--config.compilation_cache_dir={cache}")  # later processes skip compilation
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 

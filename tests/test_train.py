@@ -4,13 +4,16 @@ import json
 import os
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import nr_jax
-from nr_jax import train
+from nr_jax import controller, train
+from nr_jax.callbacks import Callbacks
 from nr_jax.config import ConfigError, base_config
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -51,8 +54,10 @@ def test_one_trace_per_width_configuration():
     for i in range(3):
         state, _ = trainer.steps.train(state, synthetic_batch(i))
     trainer.steps.eval(state.variables, synthetic_batch(9))
-    state = state.replace(epoch=state.epoch + 1)  # epoch boundary (LR schedule input)
+    state = state.replace(opt_state=train.set_learning_rate(state.opt_state, 0.01))  # LR change
     state = state.replace(opt_state=nr_jax.set_lambda(state.opt_state, 1e-3))  # λ change
+    ctrl = state.controller._replace(search_epochs=state.controller.search_epochs + 1)
+    state = state.replace(epoch=state.epoch + 1, controller=ctrl)  # epoch boundary
     masks = jax.tree.map(lambda m: m.at[0].set(0.0), state.masks)  # mask change
     state = state.replace(masks=masks)
     for i in range(3):
@@ -60,7 +65,7 @@ def test_one_trace_per_width_configuration():
     trainer.steps.eval(state.variables, synthetic_batch(9))
     assert trainer.counter == {"train": 1, "eval": 1}
     # rejuvenation: a new width configuration, traced once more, then reused
-    state, event = trainer.controller(
+    state, event = trainer.epoch_end(
         state.replace(opt_state=nr_jax.set_lambda(state.opt_state, 0.0)), jax.random.key(1)
     )
     if "rejuvenation" not in event:  # force it: the controller's decision is tested elsewhere
@@ -83,8 +88,10 @@ def test_one_trace_per_width_configuration():
         state, metrics = trainer.steps.train(state, synthetic_batch(20 + i))
         trainer.steps.eval(state.variables, synthetic_batch(9))
     state = state.replace(epoch=state.epoch + 1)
+    state = state.replace(opt_state=train.set_learning_rate(state.opt_state, 1e-3))
     state, metrics = trainer.steps.train(state, synthetic_batch(30))
     assert trainer.counter == {"train": 2, "eval": 2}
+    assert float(metrics["lr"]) == np.float32(1e-3)
     assert "accuracy_old" in metrics and "accuracy_new" in metrics
     chex.assert_tree_all_finite(state.params)
 
@@ -96,13 +103,44 @@ def test_learning_rate_follows_epochs_since_search():
     state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
 
     def lr(epoch, offset):
-        s = state.replace(epoch=jnp.int32(epoch), sched_offset=jnp.int32(offset))
-        return float(train.learning_rate(config, s))
+        ctrl = state.controller._replace(search_epochs=jnp.int32(offset))
+        return float(
+            train.learning_rate(config, state.replace(epoch=jnp.int32(epoch), controller=ctrl))
+        )
 
     assert lr(5, 5) == pytest.approx(0.1)  # still searching: the schedule has not started
     assert lr(6, 5) == pytest.approx(0.1)
     assert lr(7, 5) == pytest.approx(0.01)
     assert lr(9, 5) == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_tx_is_one_complete_optimizer(weight_decay):
+    """A custom loop uses `tx` as it is: L1 on γ, then weight decay, then momentum, then the LR
+    (PyTorch semantics: p <- p - lr * buf, buf <- m * buf + g + wd * p + λ sign(γ))."""
+    config = tiny_config(lam=0.5)
+    config.weight_decay, config.momentum = weight_decay, 0.9
+    trainer = train.Trainer(config, workdir="")
+    params = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
+    params = params.params
+    tx = trainer.tx
+    opt_state = train.set_learning_rate(tx.init(params), 0.25)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.125), params)
+    l1 = {u.path for u in trainer.graph.units if not u.fixed}
+    buf = None
+    for _ in range(2):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        new = optax.apply_updates(params, updates)
+        flat = flax.traverse_util.flatten_dict(params)
+        g = {k: 0.125 + weight_decay * v for k, v in flat.items()}
+        for k, v in flat.items():
+            if k[:-2] in l1 and k[-2:] == ("bn", "scale"):
+                g[k] = g[k] + 0.5 * np.sign(v)
+        buf = g if buf is None else {k: 0.9 * buf[k] + g[k] for k in g}
+        want = {k: v - 0.25 * buf[k] for k, v in flat.items()}
+        chex.assert_trees_all_close(flax.traverse_util.flatten_dict(new), want, rtol=1e-5)
+        params = new
+    assert float(train.get_learning_rate(opt_state)) == 0.25
 
 
 def test_bad_config_is_refused_before_compute(tmp_path):
@@ -129,7 +167,16 @@ needs_fmnist = pytest.mark.skipif(
 @pytest.mark.real_data
 def test_end_to_end_on_real_fashion_mnist(tmp_path):
     config = tiny_config()
-    summary = train.train_and_evaluate(config, str(tmp_path))
+    config.checkpoint_every_steps = 8
+    events = []
+    callbacks = Callbacks(
+        on_train_step=lambda step: events.append(("train_step", step)),
+        on_eval_batch=lambda i: events.append(("eval", i)),
+        after_rejuvenation=lambda: events.append(("after_rejuvenation",)),
+        on_checkpoint=lambda event, step, d: events.append((event, step, os.path.basename(d))),
+        at_end=lambda: events.append(("end",)),
+    )
+    summary = train.train_and_evaluate(config, str(tmp_path), callbacks=callbacks)
     assert summary["phase"] == "rejuvenated"
     k = summary["search_epochs"]
     assert 1 <= k <= config.nr.max_search_epochs
@@ -144,6 +191,18 @@ def test_end_to_end_on_real_fashion_mnist(tmp_path):
     for name in ("utilization.png", "accuracy.png", "widths.png", "gammas.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
     assert report["counts_after"]["effective"] < report["counts_after"]["total"]
+    # the callbacks: every step once, in order; each save bracketed by start and end; the
+    # rejuvenation before its epoch's checkpoint; the end last
+    steps = [e[1] for e in events if e[0] == "train_step"]
+    assert steps == list(range(1, 20 * summary["epochs_run"] + 1))
+    saves = [e for e in events if len(e) == 3]  # (event, step, directory)
+    n = summary["epochs_run"]
+    saved = sorted({20 * e + d for e in range(n) for d in (8, 16, 20)})  # mid-epoch, epoch end
+    assert saves == [(e, step, "checkpoints") for step in saved for e in ("start", "end")]
+    assert events.count(("eval", 0)) == n and ("eval", 1) in events
+    rej = events.index(("after_rejuvenation",))
+    assert events[rej + 1] == ("start", 20 * summary["rejuvenation_epoch"], "checkpoints")
+    assert events[-1] == ("end",) and events.count(("end",)) == 1
     # resuming a finished run from its checkpoint trains nothing more and restores the widths
     again = train.train_and_evaluate(config, str(tmp_path))
     assert again["widths"] == summary["widths"]
@@ -170,13 +229,13 @@ def test_search_timeout_outcome(outcome, caplog):
     params = jax.tree.map(lambda x: x, state.params)
     params["conv1"]["bn"]["scale"] = params["conv1"]["bn"]["scale"].at[:8].set(0.0)  # U < 1
     state = state.replace(params=params)
-    state, event = trainer.controller(state, jax.random.key(1))
+    state, event = trainer.epoch_end(state, jax.random.key(1))
     assert event["search_timeout"] and "did not reach the target" in caplog.text
-    assert int(state.sched_offset) == 1
+    assert int(state.controller.search_epochs) == 1
     if outcome == "stop":
-        assert int(state.phase) == train.PLAIN and "rejuvenation" not in event
+        assert int(state.controller.phase) == controller.PLAIN and "rejuvenation" not in event
     else:
-        assert int(state.phase) == train.REJUVENATED
+        assert int(state.controller.phase) == controller.REJUVENATED
         assert event["rejuvenation"].utilization > config.nr.target
     assert float(nr_jax.get_lambda(state.opt_state)) == config.nr.lam_after
 
@@ -197,7 +256,8 @@ def test_two_step_flow_and_official_preset(tmp_path):
 
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         state, *_ = train._resume(trainer, ckpt)
-    assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state)[1:])
+    momentum = optax.tree_utils.tree_get(state.opt_state, "trace")
+    assert jax.tree.leaves(momentum) and not any(np.any(x) for x in jax.tree.leaves(momentum))
     s2 = train.train_and_evaluate(step2, str(tmp_path))
     assert s2["epochs_run"] == step2.epochs + s1["search_epochs"]
     meta = json.loads((tmp_path / "summary.json").read_text())
@@ -210,8 +270,8 @@ def test_data_parallel_equals_one_device(monkeypatch, chunked):
     also when the single-device step sums its kernel gradients over one-image batch chunks."""
     assert jax.device_count() == 4
     if chunked:
-        monkeypatch.setattr(nr_jax.layers, "DW_CHUNK_BYTES", 1)
-        monkeypatch.setattr(nr_jax.layers, "DW_CHUNK_MIN_ROWS", 1)
+        monkeypatch.setattr(nr_jax.ops, "DW_CHUNK_BYTES", 1)
+        monkeypatch.setattr(nr_jax.ops, "DW_CHUNK_MIN_ROWS", 1)
     results = {}
     for dp in (False, True):
         config = tiny_config()
@@ -239,11 +299,11 @@ def test_non_finite_parameters_stop_the_run():
     config = tiny_config()
     trainer = train.Trainer(config, workdir="")
     state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
-    train._check_finite(state)  # a healthy state passes
+    train.check_finite(state)  # a healthy state passes
     params = jax.tree.map(lambda x: x, state.params)
     params["conv1"]["kernel"] = params["conv1"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
-        train._check_finite(state.replace(params=params))
+        train.check_finite(state.replace(params=params))
 
 
 def test_bfloat16_compute_keeps_float32_state():

@@ -1,0 +1,148 @@
+"""The NR controller as data: its state is a NamedTuple of arrays, its decision a pure function.
+
+The official code checks the utilisation once per epoch during the search (method.md 1.3): while
+U is above the target T_r the search goes on (λ optionally adapted by `adapt_lambda`, the official
+ImageNet rule); once U <= T_r the network is rejuvenated, exactly once, and λ becomes
+`nr.lam_after`. A search that reaches `nr.max_search_epochs` above the target either rejuvenates at
+the utilisation reached or stops (`nr.on_search_timeout`); at U = 1 there is nothing to reallocate,
+so it always stops. Search epochs do not consume the LR schedule (the official epoch extension):
+the schedule runs on `epoch - search_epochs`.
+
+`ControllerState` lives in `nr_jax.train.TrainState` (field `controller`), so it is checkpointed
+with the rest of the state; λ itself lives only in the optax state (`nr_jax.get_lambda` /
+`nr_jax.set_lambda`). `decide` is written in `jax.numpy` without Python branches on values, so it
+runs on the host (after an epoch) or inside a jitted step alike:
+
+    ctrl, action = decide(state.controller, util, get_lambda(state.opt_state), config)
+    opt_state = set_lambda(state.opt_state, action.lam)
+    if action.name == "rejuvenate": ...
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from nr_jax.sparsity import adapt_lambda
+
+SEARCH, REJUVENATED, PLAIN = 0, 1, 2  # NR phase: searching, rejuvenated, no (more) NR
+PHASE_NAMES = {SEARCH: "search", REJUVENATED: "rejuvenated", PLAIN: "plain"}
+CONTINUE, REJUVENATE, STOP_SEARCH = 0, 1, 2  # what the trainer does after a decision
+ACTION_NAMES = {CONTINUE: "continue", REJUVENATE: "rejuvenate", STOP_SEARCH: "stop_search"}
+
+
+class ControllerState(NamedTuple):
+    """The NR controller's state; scalar arrays only, so that changing it never retraces.
+
+    Attributes:
+      phase: SEARCH, REJUVENATED or PLAIN, int32.
+      search_epochs: decisions taken during the search (k; the LR schedule is offset by it), int32.
+      previous_utilization: U at the previous decision (1.0 before the first), float32.
+      rescaled: whether neural rescaling was applied after rejuvenation, bool.
+    """
+
+    phase: jax.Array
+    search_epochs: jax.Array
+    previous_utilization: jax.Array
+    rescaled: jax.Array
+
+
+class Action(NamedTuple):
+    """The outcome of one decision.
+
+    Attributes:
+      kind: CONTINUE, REJUVENATE or STOP_SEARCH, int32 (`name` gives the string).
+      lam: λ from now on, float32 (adapted during the search; `nr.lam_after` once it ends).
+      timed_out: the search reached `nr.max_search_epochs` with U still above the target, bool.
+    """
+
+    kind: jax.Array
+    lam: jax.Array
+    timed_out: jax.Array
+
+    @property
+    def name(self) -> str:
+        """The action as a string: "continue", "rejuvenate" or "stop_search" (host side)."""
+        return ACTION_NAMES[int(self.kind)]
+
+
+def init_controller(config: ml_collections.ConfigDict) -> ControllerState:
+    """The state before training: searching if `config.nr.enabled`, plain otherwise.
+
+    Every field is a distinct buffer (the train step donates the state).
+    """
+    return ControllerState(
+        phase=jnp.array(SEARCH if config.nr.enabled else PLAIN, jnp.int32),
+        search_epochs=jnp.array(0, jnp.int32),
+        previous_utilization=jnp.array(1.0, jnp.float32),
+        rescaled=jnp.array(False),
+    )
+
+
+def decide(
+    state: ControllerState,
+    utilization: jax.Array | float,
+    lam: jax.Array | float,
+    config: ml_collections.ConfigDict,
+) -> tuple[ControllerState, Action]:
+    """One NR decision at utilisation `utilization` with the current λ `lam` (pure, jit-able).
+
+    Outside the search (phase REJUVENATED or PLAIN) nothing changes: CONTINUE with λ as it is.
+    During the search the call counts one search epoch, adapts λ if `config.nr.adaptive`, records
+    U, and returns REJUVENATE when U <= `nr.target`; on a timeout above the target REJUVENATE or
+    STOP_SEARCH per `nr.on_search_timeout` (always STOP_SEARCH at U >= 1); CONTINUE otherwise.
+    The new phase is set here (REJUVENATED or PLAIN); the trainer does the surgery.
+
+    Args:
+      state: the controller state.
+      utilization: U of the live network, in [0, 1] (a scalar).
+      lam: the current sparsity coefficient λ (a scalar).
+      config: the run configuration (reads `config.nr`; static, so close over it to jit).
+
+    Returns:
+      The new controller state and the `Action`.
+    """
+    nr = config.nr
+    util = jnp.asarray(utilization, jnp.float32)
+    lam = jnp.asarray(lam, jnp.float32)
+    searching = state.phase == SEARCH
+    epochs = state.search_epochs + searching.astype(jnp.int32)
+    adapted = lam
+    if nr.adaptive:
+        adapted = adapt_lambda(
+            lam,
+            state.previous_utilization,
+            util,
+            step=jnp.float32(nr.lam_step),
+            threshold=jnp.float32(nr.lam_threshold),
+        )
+    reached = searching & (util <= nr.target)
+    timed_out = searching & ~reached & (epochs >= nr.max_search_epochs)
+    stop = timed_out & ((nr.on_search_timeout == "stop") | (util >= 1.0))
+    rejuvenate = reached | (timed_out & ~stop)
+    ends = rejuvenate | stop
+    kind = jnp.where(rejuvenate, REJUVENATE, jnp.where(stop, STOP_SEARCH, CONTINUE))
+    new_state = ControllerState(
+        phase=jnp.where(rejuvenate, REJUVENATED, jnp.where(stop, PLAIN, state.phase)).astype(
+            jnp.int32
+        ),
+        search_epochs=epochs,
+        previous_utilization=jnp.where(searching, util, state.previous_utilization),
+        rescaled=jnp.asarray(state.rescaled),
+    )
+    new_lam = jnp.where(ends, jnp.float32(nr.lam_after), jnp.where(searching, adapted, lam))
+    return new_state, Action(kind=kind.astype(jnp.int32), lam=new_lam, timed_out=timed_out)
+
+
+def phase_name(state: ControllerState) -> str:
+    """The phase as a string: "search", "rejuvenated" or "plain" (host side)."""
+    return PHASE_NAMES[int(state.phase)]
+
+
+def total_epochs(state: ControllerState, epochs: int) -> int:
+    """Epochs of the run as known now: the search epochs so far, the `epochs` of the schedule,
+    and one more while the search goes on (host side)."""
+    return epochs + int(state.search_epochs) + (1 if int(state.phase) == SEARCH else 0)

@@ -1,0 +1,155 @@
+"""The NR outer step on the host, between two compiled phases (method.md 1.3).
+
+After a search epoch: the utilisation of the live network, the masks of all-dead units set to
+zero (sticky), the pure decision `nr_jax.controller.decide`, its λ written into the optimiser
+state, and, when it says so, the rejuvenation with the run's width rule (and neural rescaling,
+method.md 4.4). Every function here is pure: it takes a `TrainState` (and the model, graph and
+`tx` of its width configuration) and returns new values; the trainer swaps in the new jitted steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nr_jax.allocation import Allocation
+from nr_jax.allocation import resolve as resolve_allocation
+from nr_jax.controller import REJUVENATE, SEARCH, decide
+from nr_jax.graph import ChannelGraph
+from nr_jax.layers import MASKS
+from nr_jax.liveness import liveness, utilization
+from nr_jax.sparsity import get_lambda, set_lambda
+from nr_jax.steps import TrainState
+from nr_jax.surgery import Rejuvenation, rejuvenate
+
+log = logging.getLogger("nr_jax")
+
+
+def allocation_name(config: ml_collections.ConfigDict) -> str:
+    """The width rule in force: `nr.allocation`, or for "auto" the preset's choice."""
+    if config.nr.allocation != "auto":
+        return config.nr.allocation
+    return "round8" if config.preset == "improved" else "sqrt"
+
+
+def allocation_rule(config: ml_collections.ConfigDict) -> Allocation:
+    """The width rule; rounded rules match the budget in the run's resource (params or flops)."""
+    return resolve_allocation(
+        allocation_name(config), resource=config.nr.resource, min_width=config.nr.min_width
+    )
+
+
+def sticky_masks(masks: Any, dead: dict[str, Any]) -> Any:
+    """Zeroes the mask of every all-dead unit (sticky: a zero mask stays zero)."""
+    masks = flax.core.unfreeze(masks) if isinstance(masks, flax.core.FrozenDict) else masks
+    flat = flax.traverse_util.flatten_dict(masks)
+    for name, is_dead in dead.items():
+        if bool(is_dead):
+            path = (*name.split("/"), "mask")
+            flat[path] = jnp.zeros_like(flat[path])
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def search_epoch_end(
+    state: TrainState,
+    model: Any,
+    graph: ChannelGraph,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    key: jax.Array,
+) -> tuple[TrainState, dict[str, Any], Rejuvenation | None]:
+    """The once-per-epoch NR decision and what it asks for (nothing outside the search).
+
+    Returns the new state, an event dict (`utilization`, `lam`, and `search_timeout`,
+    `rejuvenation` (the report), `gammas` (BN γ per unit before surgery) when they happen) and
+    the `Rejuvenation` (new model and graph) or None.
+    """
+    nr = config.nr
+    if int(state.controller.phase) != SEARCH:
+        return state, {}, None
+    host = jax.device_get(state.variables)
+    live = liveness(host, graph, threshold=nr.threshold, dead_threshold=nr.dead_threshold)
+    util = float(utilization(live, graph, nr.resource).ratio)
+    ctrl, action = decide(state.controller, util, get_lambda(state.opt_state), config)
+    state = state.replace(
+        masks=sticky_masks(state.masks, live.dead),
+        opt_state=set_lambda(state.opt_state, action.lam),
+        controller=ctrl,
+    )
+    event: dict[str, Any] = {"utilization": util, "lam": float(action.lam)}
+    if bool(action.timed_out):
+        log.warning(
+            "utilisation %.4f did not reach the target %.3f within %d search epochs: %s",
+            *(util, nr.target, nr.max_search_epochs, action.name),
+        )
+        event["search_timeout"] = True
+    if int(action.kind) != REJUVENATE:
+        return state, event, None
+    state, res = rejuvenate_state(state, model, graph, tx, config, key)
+    flat = flax.traverse_util.flatten_dict(host["params"])
+    event["gammas"] = {  # for the |γ| histograms of the run's plots
+        u.name.replace("/", "."): np.asarray(flat[(*u.path, "bn", "scale")]) for u in graph.units
+    }
+    event["rejuvenation"] = res.report
+    return state, event, res
+
+
+def rejuvenate_state(
+    state: TrainState,
+    model: Any,
+    graph: ChannelGraph,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    key: jax.Array,
+) -> tuple[TrainState, Rejuvenation]:
+    """`nr_jax.rejuvenate` with the run's rules, applied to the state (λ kept as it is)."""
+    nr = config.nr
+    res = rejuvenate(
+        key,
+        model,
+        state.variables,
+        state.opt_state,
+        tx,
+        graph,
+        resource=nr.resource,
+        allocation=allocation_rule(config),
+        min_width=nr.min_width,
+        new_gamma=nr.new_gamma,
+        threshold=nr.threshold,
+        dead_threshold=nr.dead_threshold,
+    )
+    v = res.variables
+    # official preset: a fresh optimiser (all momentum lost); improved: survivors' moments kept
+    opt_state = tx.init(v["params"]) if config.preset == "official" else res.opt_state
+    state = state.replace(
+        params=v["params"],
+        batch_stats=v["batch_stats"],
+        masks=v[MASKS],
+        opt_state=set_lambda(opt_state, get_lambda(state.opt_state)),
+    )
+    return state, res
+
+
+def rescale_state(
+    state: TrainState, graph: ChannelGraph, config: ml_collections.ConfigDict
+) -> TrainState:
+    """Neural rescaling (method.md 4.4) to `nr.rescale_target`, once (the controller's
+    `rescaled` flag); preserves the function."""
+    if bool(state.controller.rescaled):
+        return state
+    from nr_jax.rescale import rescale
+
+    new = rescale(state.variables, graph, config.nr.rescale_target)
+    log.info("neural rescaling applied (target %g)", config.nr.rescale_target)
+    return state.replace(
+        params=jax.tree.map(jnp.asarray, new["params"]),
+        batch_stats=jax.tree.map(jnp.asarray, new["batch_stats"]),
+        controller=state.controller._replace(rescaled=jnp.array(True)),
+    )

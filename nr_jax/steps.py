@@ -1,0 +1,247 @@
+"""The training state, the complete optimiser and the jitted steps of one width configuration.
+
+`TrainState` holds every array that changes during training (a `flax.struct.PyTreeNode`, arrays
+only), the NR controller's state among them. `make_optimizer` returns one complete optax
+optimiser (L1 on BN γ, weight decay, momentum, learning rate: PyTorch's order); the LR is an
+injected hyperparameter in its state (`set_learning_rate`) and λ lives in its `L1State`, so
+changing either never retraces. `Steps` jits `train_step(state, batch) -> (state, metrics)`
+(donated) and the eval step once per width configuration, with trace counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nr_jax.controller import ControllerState, init_controller
+from nr_jax.graph import ChannelGraph
+from nr_jax.layers import MASKS
+from nr_jax.liveness import liveness, utilization
+from nr_jax.schemes import head_logits, nr_loss
+from nr_jax.sparsity import get_lambda, l1_bn_scales
+
+Mesh = jax.sharding.Mesh
+NamedSharding = jax.sharding.NamedSharding
+P = jax.sharding.PartitionSpec
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything that changes during training; arrays only (one trace per width config).
+
+    Attributes:
+      step: optimiser steps taken, int32.
+      epoch: epochs completed, int32.
+      params, batch_stats, masks: the model's variable collections.
+      opt_state: the optax state (holds λ in its `L1State` and the LR in its hyperparameters).
+      controller: the NR controller's state (phase, search epochs, ...), `ControllerState`.
+      rng: PRNG key.
+    """
+
+    step: jax.Array
+    epoch: jax.Array
+    params: Any
+    batch_stats: Any
+    masks: Any
+    opt_state: Any
+    controller: ControllerState
+    rng: jax.Array
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats, MASKS: self.masks}
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, graph: ChannelGraph
+) -> optax.GradientTransformation:
+    """The complete optimiser; a custom loop can use it as it is (`optax.apply_updates`).
+
+    SGD as the official `nr.SGD` (method.md 1.4): L1 on BN γ, then weight decay on every parameter,
+    then momentum, then the learning rate (PyTorch semantics). The LR is an injected
+    hyperparameter (`set_learning_rate`), λ lives in the `L1State` (`nr_jax.set_lambda`). The chain
+    depends only on the graph's structure, so it serves before and after rejuvenation.
+    """
+    parts = []
+    if config.nr.enabled:
+        parts.append(l1_bn_scales(graph, config.nr.lam))
+    if config.optimizer == "sgd":
+        parts += [optax.add_decayed_weights(config.weight_decay), optax.trace(config.momentum)]
+    elif config.optimizer == "adamw":
+        parts += [optax.scale_by_adam(), optax.add_decayed_weights(config.weight_decay)]
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
+    lr = optax.inject_hyperparams(optax.scale_by_learning_rate, hyperparam_dtype=jnp.float32)
+    return optax.chain(*parts, lr(learning_rate=config.lr))
+
+
+def learning_rate(config: ml_collections.ConfigDict, state: TrainState) -> jax.Array:
+    """Step decay on the epochs since the search ended (the official epoch extension).
+
+    The search epochs (`state.controller.search_epochs`) do not consume the schedule.
+    """
+    e = (state.epoch - state.controller.search_epochs).astype(jnp.float32)
+    drops = sum(jnp.where(e >= m, 1.0, 0.0) for m in config.lr_milestones)
+    return jnp.asarray(config.lr, jnp.float32) * jnp.asarray(config.lr_gamma, jnp.float32) ** drops
+
+
+def set_learning_rate(opt_state: Any, lr: float | jax.Array) -> Any:
+    """Returns `opt_state` with its injected `learning_rate` set to `lr` (pure; float32)."""
+    if optax.tree_utils.tree_get(opt_state, "learning_rate") is None:
+        raise ValueError("set_learning_rate: expected the state of make_optimizer(...)'s chain")
+    return optax.tree_utils.tree_set(opt_state, learning_rate=jnp.array(lr, jnp.float32))
+
+
+def get_learning_rate(opt_state: Any) -> jax.Array:
+    """The learning rate the next `tx.update` applies."""
+    return optax.tree_utils.tree_get(opt_state, "learning_rate")
+
+
+def init_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    image_shape: tuple[int, ...],
+    key: jax.Array,
+) -> TrainState:
+    """Initial variables, optimiser state and controller state (distinct buffers: the step
+    donates the state)."""
+    init_key, rng = jax.random.split(key)
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = jax.jit(lambda k, x: model.init(k, x, train=False))(init_key, x)
+    return TrainState(
+        step=jnp.array(0, jnp.int32),
+        epoch=jnp.array(0, jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        masks=variables[MASKS],
+        opt_state=tx.init(variables["params"]),
+        controller=init_controller(config),
+        rng=rng,
+    )
+
+
+class Steps:
+    """The jitted train and eval steps of one width configuration, with trace counters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        graph: ChannelGraph,
+        config: ml_collections.ConfigDict,
+        counter: dict[str, int],
+        mesh: Mesh | None = None,
+    ) -> None:
+        self.model, self.tx, self.graph, self.config = model, tx, graph, config
+        self.counter = counter
+        self.data_sharding = None if mesh is None else NamedSharding(mesh, P("data"))
+        if mesh is None:
+            self.train = jax.jit(self._train, donate_argnums=0)
+            self.eval = jax.jit(self._eval)
+        else:  # data parallel: batch sharded over the mesh, state replicated
+            rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+            self.train = jax.jit(
+                self._train, donate_argnums=0, in_shardings=(rep, data), out_shardings=(rep, rep)
+            )
+            self.eval = jax.jit(self._eval, in_shardings=(rep, data), out_shardings=rep)
+
+    def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """This process's rows of the global batch -> one array sharded over the mesh.
+
+        Every process yields the same global batch (the order is a pure function of seed and
+        epoch) and contributes its contiguous slice of it, so the same code runs on one host
+        or many (`config.distributed`). Without a mesh the batch is returned as it is.
+        """
+        if self.data_sharding is None:
+            return batch
+        n, i = jax.process_count(), jax.process_index()
+
+        def local(x: np.ndarray) -> jax.Array:
+            rows = x.shape[0] // n
+            return jax.make_array_from_process_local_data(
+                self.data_sharding, np.asarray(x[i * rows : (i + 1) * rows]), x.shape
+            )
+
+        return {k: local(v) for k, v in batch.items()}
+
+    def _train(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        self.counter["train"] = self.counter.get("train", 0) + 1
+        model, tx = self.model, self.tx
+
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+            variables = {"params": params, "batch_stats": state.batch_stats, MASKS: state.masks}
+            out, upd = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+            return nr_loss(out, batch["label"]), (out, upd)
+
+        (loss, (out, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = state.replace(
+            step=state.step + 1, params=params, batch_stats=upd["batch_stats"], opt_state=opt_state
+        )
+        metrics = {"loss": loss, "lr": get_learning_rate(state.opt_state)}
+        for name, logits in head_logits(out).items():
+            metrics[f"accuracy_{name}"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        if self.config.nr.enabled:
+            metrics["lambda"] = get_lambda(opt_state)
+            live = liveness(new.variables, self.graph)
+            metrics["utilization"] = utilization(live, self.graph, self.config.nr.resource).ratio
+        return new, metrics
+
+    def _eval(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        self.counter["eval"] = self.counter.get("eval", 0) + 1
+        out = self.model.apply(variables, batch["image"], train=False)
+        mask = batch["mask"]
+        metrics = {
+            "loss_sum": nr_loss(out, batch["label"], mask) * jnp.sum(mask),
+            "count": jnp.sum(mask),
+        }
+        for name, logits in head_logits(out).items():
+            correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+            metrics[f"correct_{name}"] = jnp.sum(correct * mask)
+        return metrics
+
+
+def evaluate(
+    steps: Steps, state: TrainState, batches: Iterator[dict], on_batch: Any = None
+) -> dict[str, float]:
+    """Test loss and accuracy (summed logits, and old/new heads after rejuvenation).
+
+    `on_batch(index)`, if given, is called after each batch (`Callbacks.on_eval_batch`).
+    """
+    totals: dict[str, Any] = {}
+    for i, batch in enumerate(batches):
+        m = steps.eval(state.variables, steps.global_batch(batch))
+        totals = m if not totals else jax.tree.map(jnp.add, totals, m)
+        if on_batch is not None:
+            on_batch(i)
+    totals = jax.device_get(totals)
+    n = float(totals["count"])
+    out = {"test_loss": float(totals["loss_sum"]) / n}
+    for key, value in totals.items():
+        if key.startswith("correct_"):
+            out["test_accuracy_" + key[len("correct_") :]] = float(value) / n
+    return out
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def check_finite(state: TrainState) -> None:
+    """Refuses to go on (and to checkpoint) with NaN or Inf in parameters or BN statistics."""
+    if not bool(_all_finite((state.params, state.batch_stats))):
+        raise FloatingPointError(
+            f"NaN or Inf in the parameters or BN statistics after epoch {int(state.epoch)}; "
+            "the last good checkpoint is kept (resume from it with a lower learning rate or λ)."
+        )
