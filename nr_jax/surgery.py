@@ -251,7 +251,8 @@ def _new_variables(
             new[("params", *path)] = k = carry(flat[("params", *path)], axes[path])
             if l_in < p.d_in:
                 values = rng.standard_normal((p.d_in - l_in, k.shape[1]), dtype=np.float32)
-                k[l_in:] = values * np.float32(0.01)
+                values *= np.float32(0.01)
+                k[l_in:] = values
             continue
         ax_out, l_out = Axis(p.d_out, np.asarray(p.out_src, np.intp)), len(p.out_src)
         axes[path] = (None, None, ax_in, ax_out)
@@ -260,7 +261,8 @@ def _new_variables(
         if l_out < d_out:
             first = l_in if l_in < d_in else 0
             values = rng.standard_normal((kh, kw, d_in - first, d_out - l_out), np.float32)
-            k[:, :, first:, l_out:] = values * np.float32(math.sqrt(2.0 / (kh * kw * d_out)))
+            values *= np.float32(math.sqrt(2.0 / (kh * kw * d_out)))  # He, the new fan-out
+            k[:, :, first:, l_out:] = values
         for (coll, leaf), fill in zip(BN_FILL, (new_gamma, 0.0, 0.0, 1.0), strict=True):
             path = (*u.path, "bn", leaf)
             new[(coll, *path)] = carry(flat[(coll, *path)], (ax_out,), fill)
