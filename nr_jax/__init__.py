@@ -7,6 +7,14 @@ rejuvenate it (`rejuvenate`), training the mix of old and new neurons with `nr_l
 """
 
 from nr_jax import models
+from nr_jax.allocation import (
+    ALLOCATIONS,
+    Allocation,
+    allocated_resource,
+    integer_allocation,
+    rounded_allocation,
+    sqrt_allocation,
+)
 from nr_jax.graph import ChannelGraph, Unit, channel_graph
 from nr_jax.layers import (
     MASKS,
@@ -20,26 +28,17 @@ from nr_jax.layers import (
     set_conv_weight_grad,
 )
 from nr_jax.liveness import Counts, Liveness, Utilization, count, liveness, utilization
+from nr_jax.planning import Plan, UnitPlan, plan
 from nr_jax.schemes import head_logits, nr_loss, predict
 from nr_jax.sparsity import L1State, adapt_lambda, get_lambda, l1_bn_scales, set_lambda
-from nr_jax.surgery import (
-    ALLOCATIONS,
-    Rejuvenation,
-    RejuvenationReport,
-    allocated_resource,
-    integer_allocation,
-    plan_widths,
-    rejuvenate,
-    rounded_allocation,
-    sqrt_allocation,
-)
+from nr_jax.surgery import Rejuvenation, RejuvenationReport, apply_plan, rejuvenate
 
 __version__ = "0.1.0"
 
 # Submodules loaded on first attribute access, so `import nr_jax` stays light: after
 # `import nr_jax`, `nr_jax.train.train_and_evaluate(...)` works without importing it first.
-_LAZY_SUBMODULES = ("checkpoint", "config", "controller", "data", "metrics", "plots", "rescale",
-                    "train")
+_LAZY_SUBMODULES = ("callbacks", "checkpoint", "config", "controller", "data", "metrics", "plots",
+                    "rejuvenation", "rescale", "steps", "train")
 
 
 def __getattr__(name: str):
@@ -82,7 +81,11 @@ __all__ = [
     "liveness",
     "models",
     "nr_loss",
-    "plan_widths",
+    "Plan",
+    "UnitPlan",
+    "plan",
+    "apply_plan",
+    "Allocation",
     "predict",
     "rejuvenate",
     "rounded_allocation",

@@ -66,8 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.compress_only = False  # stop right after rejuvenation (ImageNet two-step flow, step 1)
 
     c.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 params and BN statistics)
-    # conv kernel gradient (nr_jax.layers.set_conv_weight_grad): "auto" = shifted matmuls on CPU,
-    # XLA's elsewhere; "matmul"; "xla"
+    # conv kernel gradient, the models' `conv_weight_grad` field (nr_jax.layers.NRConv): "auto" =
+    # shifted matmuls on CPU, XLA's elsewhere; "matmul"; "xla"
     c.conv_weight_grad = "auto"
     c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off)
     c.data_parallel = True  # shard the batch over all devices (jax.sharding Mesh), state replicated
@@ -155,7 +155,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("nr.max_search_epochs", nr.max_search_epochs, "an integer >= 1")
     if nr.on_search_timeout not in ("rejuvenate", "stop"):
         _fail("nr.on_search_timeout", nr.on_search_timeout, "'rejuvenate' or 'stop'")
-    from nr_jax.surgery import ALLOCATIONS
+    from nr_jax.allocation import ALLOCATIONS
 
     if nr.allocation not in ALLOCATIONS and nr.allocation != "auto":
         _fail("nr.allocation", nr.allocation, f"'auto' or one of {sorted(ALLOCATIONS)}")

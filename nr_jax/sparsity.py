@@ -30,13 +30,6 @@ class L1State(NamedTuple):
     lam: jax.Array
 
 
-def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def l1_bn_scales(graph: ChannelGraph, lam: float = 1e-4) -> optax.GradientTransformation:
     """L1 sparsity on the BN scales γ of the prunable units.
 
@@ -49,7 +42,7 @@ def l1_bn_scales(graph: ChannelGraph, lam: float = 1e-4) -> optax.GradientTransf
     """
     if lam < 0:
         raise ValueError(f"l1_bn_scales: lam must be >= 0, got {lam}")
-    paths = graph.l1_scale_paths()
+    paths = {"/".join(p) for p in graph.l1_scale_paths()}  # unit names are "/"-joined paths
 
     def init(params: Any) -> L1State:
         del params  # accepts placeholders (optax.tree_map_params)
@@ -60,7 +53,7 @@ def l1_bn_scales(graph: ChannelGraph, lam: float = 1e-4) -> optax.GradientTransf
             raise ValueError("l1_bn_scales needs params: call tx.update(grads, state, params)")
 
         def add(path: tuple, g: Any, p: Any) -> Any:
-            if tuple(_key_str(k) for k in path) in paths:
+            if jax.tree_util.keystr(path, simple=True, separator="/") in paths:
                 return g + (state.lam * jnp.sign(p)).astype(g.dtype)
             return g
 
@@ -98,7 +91,15 @@ def get_lambda(opt_state: Any) -> jax.Array:
 
 
 def adapt_lambda(
-    lam: float, previous: float, current: float, *, step: float = 5e-5, threshold: float = 0.01
-) -> float:
-    """The official ImageNet controller (method.md 1.2): λ += step when U fell by < threshold."""
-    return lam + step if previous - current < threshold else lam
+    lam: float | jax.Array,
+    previous: float | jax.Array,
+    current: float | jax.Array,
+    *,
+    step: float | jax.Array = 5e-5,
+    threshold: float | jax.Array = 0.01,
+) -> float | jax.Array:
+    """The official ImageNet controller (method.md 1.2): λ += step when U fell by < threshold.
+
+    Python floats in, a float out; arrays in, an array out (no branch on values: jit-able).
+    """
+    return lam + step * (previous - current < threshold)
