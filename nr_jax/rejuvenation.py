@@ -67,9 +67,8 @@ def search_epoch_end(
 ) -> tuple[TrainState, dict[str, Any], Rejuvenation | None]:
     """The once-per-epoch NR decision and what it asks for (nothing outside the search).
 
-    Returns the new state, an event dict (`utilization`, `lam`, and `search_timeout`,
-    `rejuvenation` (the report), `gammas` (BN γ per unit before surgery) when they happen) and
-    the `Rejuvenation` (new model and graph) or None.
+    Returns the new state, an event dict (`utilization`, `lam`; `search_timeout`, `rejuvenation`
+    (the report), `gammas` (BN γ before surgery) when they happen) and the `Rejuvenation` or None.
     """
     nr = config.nr
     if int(state.controller.phase) != SEARCH:

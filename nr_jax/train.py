@@ -325,14 +325,9 @@ def _train_epoch(
     sums: dict[str, float] | None = None,
     data_state: dict[str, Any] | None = None,
 ) -> tuple[TrainState, dict]:
-    """One epoch from batch `start` on (`sums`: the metric sums of the batches before it).
-
-    `data_state` is the saved grain iterator state of batch `start` (None: the epoch's start).
-
-    The LR of the epoch is set in the optimiser state first. With a checkpointer and
-    `config.checkpoint_every_steps`, a mid-epoch checkpoint is written every that many steps
-    (the logging window is flushed first).
-    """
+    """One epoch from batch `start` on (`sums`: the metric sums of the batches before it,
+    `data_state`: the saved grain iterator state at it, None at the epoch's start), at the LR of
+    the epoch; a mid-epoch checkpoint every `config.checkpoint_every_steps` steps."""
     config, trainer, data = run.config, run.trainer, run.data
     steps_per_epoch = data.steps_per_epoch
     every = config.checkpoint_every_steps if run.ckpt is not None else 0
@@ -404,16 +399,9 @@ def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list, int
         widths = WidthSpec.from_json(meta["widths"])
         if widths != trainer.model.widths:
             trainer.set_widths(widths)
-        shapes = jax.eval_shape(
-            lambda: init_state(
-                trainer.model,
-                trainer.tx,
-                trainer.config,
-                trainer.info.image_shape,
-                jax.random.key(0),
-            )
-        )
-        return shapes
+        t = trainer
+        key = jax.random.key(0)
+        return jax.eval_shape(lambda: init_state(t.model, t.tx, t.config, t.info.image_shape, key))
 
     try:
         restored, meta, step = ckpt.restore(abstract)
