@@ -11,8 +11,6 @@ from typing import Any
 
 import ml_collections
 
-from nr_jax.layers import CONV_WEIGHT_GRADS
-
 
 class ConfigError(ValueError):
     """A configuration field has a value that is not allowed."""
@@ -84,84 +82,79 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _fail(field: str, value: Any, allowed: str) -> None:
+def refuse(field: str, value: Any, allowed: str) -> None:
+    """Raises the one-line `ConfigError` for `config.<field> = value` (what is allowed instead).
+
+    Used here and by the registries that resolve names (models, datasets, schemes, kernel-gradient
+    modes, allocation rules), so every refusal reads the same.
+    """
     raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises `ConfigError` naming the first bad field; returns None when all is well."""
-    from nr_jax import data, models
+    """Raises `ConfigError` naming the first bad field; returns None when all is well.
 
+    Checks values only. Names are checked where their registry resolves them, with the same
+    one-line message (`refuse`): `config.model`, `config.nr.scheme` and `config.conv_weight_grad`
+    by `nr_jax.models.get`, `config.dataset` by `nr_jax.data.dataset_info`, `config.nr.allocation`
+    by `nr_jax.allocation.resolve`; `nr_jax.train.Trainer` resolves all of them before any compute.
+    """
     missing = [k for k in base_config() if k not in config]
     if missing:
         raise ConfigError(
             f"config lacks the fields {missing}; start from nr_jax.config.base_config()"
         )
-    if config.model not in models.names():
-        _fail("model", config.model, f"one of {models.names()}")
-    if config.dataset not in data.DATASET_INFO:
-        _fail("dataset", config.dataset, f"one of {sorted(data.DATASET_INFO)}")
     for field in ("batch_size", "eval_batch_size", "epochs", "log_every_steps", "keep_checkpoints"):
         value = config[field]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            _fail(field, value, "an integer >= 1")
+            refuse(field, value, "an integer >= 1")
     import jax
 
     if config.data_parallel:
         n = jax.device_count()
         for field in ("batch_size", "eval_batch_size"):
             if config[field] % n:
-                _fail(
+                refuse(
                     field, config[field], f"a multiple of the {n} devices (or data_parallel=False)"
                 )
     for field in ("train_limit", "test_limit", "checkpoint_every_steps"):
         if not isinstance(config[field], int) or config[field] < 0:
-            _fail(field, config[field], "an integer >= 0 (0 = all examples / off)")
+            refuse(field, config[field], "an integer >= 0 (0 = all examples / off)")
     if config.preset not in ("improved", "official"):
-        _fail("preset", config.preset, "'improved' or 'official'")
-    if config.conv_weight_grad not in CONV_WEIGHT_GRADS:
-        _fail("conv_weight_grad", config.conv_weight_grad, f"one of {CONV_WEIGHT_GRADS}")
+        refuse("preset", config.preset, "'improved' or 'official'")
     if config.compute_dtype not in ("float32", "bfloat16"):
-        _fail("compute_dtype", config.compute_dtype, "'float32' or 'bfloat16'")
+        refuse("compute_dtype", config.compute_dtype, "'float32' or 'bfloat16'")
     if config.optimizer not in ("sgd", "adamw"):
-        _fail("optimizer", config.optimizer, "'sgd' or 'adamw'")
+        refuse("optimizer", config.optimizer, "'sgd' or 'adamw'")
     for field in ("lr", "weight_decay"):
         if not config[field] >= 0:
-            _fail(field, config[field], "a number >= 0")
+            refuse(field, config[field], "a number >= 0")
     if not 0 <= config.momentum < 1:
-        _fail("momentum", config.momentum, "a number in [0, 1)")
+        refuse("momentum", config.momentum, "a number in [0, 1)")
     if not 0 < config.lr_gamma <= 1:
-        _fail("lr_gamma", config.lr_gamma, "a number in (0, 1]")
+        refuse("lr_gamma", config.lr_gamma, "a number in (0, 1]")
     ms = tuple(config.lr_milestones)
     if any(not isinstance(m, int) or m < 0 for m in ms) or list(ms) != sorted(ms):
-        _fail("lr_milestones", ms, "increasing non-negative integers (epochs)")
+        refuse("lr_milestones", ms, "increasing non-negative integers (epochs)")
     nr = config.nr
     if nr.enabled and not 0 < nr.target < 1:
-        _fail("nr.target", nr.target, "a utilisation in (0, 1) while nr.enabled")
+        refuse("nr.target", nr.target, "a utilisation in (0, 1) while nr.enabled")
     for field in ("lam", "lam_step", "lam_after"):
         if not nr[field] >= 0:
-            _fail(f"nr.{field}", nr[field], "a number >= 0")
-    from nr_jax.layers import SCHEMES
-
-    if nr.scheme not in SCHEMES:
-        _fail("nr.scheme", nr.scheme, f"one of {SCHEMES}")
+            refuse(f"nr.{field}", nr[field], "a number >= 0")
     if nr.resource not in ("params", "flops"):
-        _fail("nr.resource", nr.resource, "'params' or 'flops'")
+        refuse("nr.resource", nr.resource, "'params' or 'flops'")
     if not 0 < nr.threshold < 1:
-        _fail("nr.threshold", nr.threshold, "a relative threshold in (0, 1)")
+        refuse("nr.threshold", nr.threshold, "a relative threshold in (0, 1)")
     if not nr.dead_threshold >= 0:
-        _fail("nr.dead_threshold", nr.dead_threshold, "a number >= 0")
+        refuse("nr.dead_threshold", nr.dead_threshold, "a number >= 0")
     if not isinstance(nr.max_search_epochs, int) or nr.max_search_epochs < 1:
-        _fail("nr.max_search_epochs", nr.max_search_epochs, "an integer >= 1")
+        refuse("nr.max_search_epochs", nr.max_search_epochs, "an integer >= 1")
     if nr.on_search_timeout not in ("rejuvenate", "stop"):
-        _fail("nr.on_search_timeout", nr.on_search_timeout, "'rejuvenate' or 'stop'")
-    from nr_jax.allocation import ALLOCATIONS
-
-    if nr.allocation not in ALLOCATIONS and nr.allocation != "auto":
-        _fail("nr.allocation", nr.allocation, f"'auto' or one of {sorted(ALLOCATIONS)}")
+        refuse("nr.on_search_timeout", nr.on_search_timeout, "'rejuvenate' or 'stop'")
     if not isinstance(nr.min_width, int) or nr.min_width < 1:
-        _fail("nr.min_width", nr.min_width, "an integer >= 1")
+        refuse("nr.min_width", nr.min_width, "an integer >= 1")
     if not nr.rescale_target >= 0:
-        _fail("nr.rescale_target", nr.rescale_target, "a number >= 0 (0 = no rescaling)")
+        refuse("nr.rescale_target", nr.rescale_target, "a number >= 0 (0 = no rescaling)")
     if not nr.new_gamma > 0:
-        _fail("nr.new_gamma", nr.new_gamma, "a number > 0")
+        refuse("nr.new_gamma", nr.new_gamma, "a number > 0")

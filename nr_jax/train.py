@@ -33,7 +33,7 @@ from nr_jax.controller import REJUVENATED, phase_name, total_epochs
 from nr_jax.graph import channel_graph
 from nr_jax.layers import WidthSpec
 from nr_jax.metrics import MetricWriter, format_record, log_widths, summarize
-from nr_jax.rejuvenation import allocation_name, rescale_state, search_epoch_end
+from nr_jax.rejuvenation import allocation_name, allocation_rule, rescale_state, search_epoch_end
 from nr_jax.steps import (
     Steps,
     TrainState,
@@ -73,7 +73,8 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str) -> None:
         self.config, self.workdir = config, workdir
-        self.info = nr_data.dataset_info(config.dataset)  # ConfigError for unknown names
+        # names are resolved (ConfigError for unknown ones) before anything is computed
+        self.info = nr_data.dataset_info(config.dataset)
         self.input_shape = (1, *self.info.image_shape)
         self.counter: dict[str, int] = {}
         self.mesh = (
@@ -92,6 +93,7 @@ class Trainer:
             batch_chunks=self.mesh is None or self.mesh.size == 1,
             **config.model_kwargs,
         )
+        allocation_rule(config)  # refuses an unknown nr.allocation now, before any compute
         self.graph = channel_graph(self.model, self.input_shape)
         self.tx = make_optimizer(config, self.graph)  # built once, reused after rejuvenation
         self.steps = self._steps()

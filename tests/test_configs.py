@@ -27,8 +27,6 @@ def test_config_validates(name):
 
 
 BAD = [
-    ("model", "resnet9000", "config.model"),
-    ("dataset", "mnist3d", "config.dataset"),
     ("batch_size", 0, "config.batch_size"),
     ("eval_batch_size", -5, "config.eval_batch_size"),
     ("epochs", 0, "config.epochs"),
@@ -40,16 +38,13 @@ BAD = [
     ("lr_milestones", (5, 3), "config.lr_milestones"),
     ("train_limit", -1, "config.train_limit"),
     ("checkpoint_every_steps", -8, "config.checkpoint_every_steps"),
-    ("conv_weight_grad", "cudnn", "config.conv_weight_grad"),
     ("nr.target", 1.0, "config.nr.target"),
     ("nr.target", 0.0, "config.nr.target"),
     ("nr.lam", -1e-4, "config.nr.lam"),
     ("nr.resource", "memory", "config.nr.resource"),
-    ("nr.scheme", "grouped", "config.nr.scheme"),
     ("nr.threshold", 2.0, "config.nr.threshold"),
     ("nr.max_search_epochs", 0, "config.nr.max_search_epochs"),
     ("nr.on_search_timeout", "panic", "config.nr.on_search_timeout"),
-    ("nr.allocation", "cubic", "config.nr.allocation"),
     ("nr.min_width", 0, "config.nr.min_width"),
     ("nr.new_gamma", 0.0, "config.nr.new_gamma"),
     ("nr.rescale_target", -0.5, "config.nr.rescale_target"),
@@ -64,6 +59,37 @@ def test_bad_value_is_refused_by_name(field, value, match):
     node[field.split(".")[-1]] = value
     with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
         validate(config)
+
+
+# names are resolved by their registries (models, datasets, schemes, kernel modes, allocation
+# rules), with the same one-line message, when the run builds its trainer: before any compute
+BAD_NAMES = [
+    ("model", "resnet9000", "config.model"),
+    ("dataset", "mnist3d", "config.dataset"),
+    ("conv_weight_grad", "cudnn", "config.conv_weight_grad"),
+    ("nr.scheme", "grouped", "config.nr.scheme"),
+    ("nr.allocation", "cubic", "config.nr.allocation"),
+    ("nr.allocation", "round", "config.nr.allocation"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "match"), BAD_NAMES)
+def test_bad_name_is_refused_before_compute(field, value, match, tmp_path, monkeypatch):
+    from nr_jax import steps, train
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("init_state ran before the bad name was refused")
+
+    monkeypatch.setattr(train, "init_state", no_compute)
+    monkeypatch.setattr(steps, "init_state", no_compute)
+    config = base_config()
+    config.data_parallel = False
+    node = config.nr if field.startswith("nr.") else config
+    node[field.split(".")[-1]] = value
+    validate(config)  # values are fine: only the name is unknown
+    with pytest.raises(ConfigError, match=match.replace(".", r"\.") + " = "):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_batch_must_divide_over_devices():

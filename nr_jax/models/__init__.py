@@ -9,6 +9,10 @@ from collections.abc import Callable
 
 import flax.linen as nn
 
+from nr_jax.config import refuse
+from nr_jax.layers import SCHEMES
+from nr_jax.ops import CONV_WEIGHT_GRADS
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -30,9 +34,18 @@ def names() -> list[str]:
 
 
 def get(name: str, **kwargs) -> nn.Module:
-    """Builds the registered model `name` (e.g. `get("vgg19_cifar", num_classes=10)`)."""
+    """Builds the registered model `name` (e.g. `get("vgg19_cifar", num_classes=10)`).
+
+    Raises:
+      ConfigError: `name`, or the `scheme` / `conv_weight_grad` keyword, is not a known one (the
+        one-line message of `nr_jax.config.refuse`, naming the config field that sets it).
+    """
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+        refuse("model", name, f"one of {names()}")
+    if "scheme" in kwargs and kwargs["scheme"] not in SCHEMES:
+        refuse("nr.scheme", kwargs["scheme"], f"one of {SCHEMES}")
+    if "conv_weight_grad" in kwargs and kwargs["conv_weight_grad"] not in CONV_WEIGHT_GRADS:
+        refuse("conv_weight_grad", kwargs["conv_weight_grad"], f"one of {CONV_WEIGHT_GRADS}")
     return _REGISTRY[name](**kwargs)
 
 
