@@ -16,6 +16,7 @@ from nr_jax.allocation import (
     sqrt_allocation,
 )
 from nr_jax.graph import ChannelGraph, Unit, channel_graph
+from nr_jax.heads import head_logits, nr_loss, predict
 from nr_jax.layers import (
     MASKS,
     NRClassifier,
@@ -27,9 +28,8 @@ from nr_jax.layers import (
     conv_unit,
     set_conv_weight_grad,
 )
-from nr_jax.liveness import Counts, Liveness, Utilization, count, liveness, utilization
+from nr_jax.live import Counts, Liveness, Utilization, count, liveness, utilization
 from nr_jax.planning import Plan, UnitPlan, plan
-from nr_jax.schemes import head_logits, nr_loss, predict
 from nr_jax.sparsity import L1State, adapt_lambda, get_lambda, l1_bn_scales, set_lambda
 from nr_jax.surgery import Rejuvenation, RejuvenationReport, apply_plan, rejuvenate
 

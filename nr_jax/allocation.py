@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from nr_jax.graph import INPUT, ChannelGraph
-from nr_jax.liveness import RESOURCES
+from nr_jax.live import RESOURCES
 
 __all__ = [
     "ALLOCATIONS",

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from nr_jax.graph import ChannelGraph
-from nr_jax.liveness import count
+from nr_jax.live import count
 
 log = logging.getLogger("nr_jax")
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from nr_jax.allocation import Allocation, allocated_resource, sqrt_allocation
 from nr_jax.graph import INPUT, ChannelGraph, Unit
-from nr_jax.liveness import Liveness, utilization
+from nr_jax.live import Liveness, utilization
 
 __all__ = ["Plan", "UnitPlan", "plan"]
 

@@ -24,7 +24,7 @@ from nr_jax.allocation import resolve as resolve_allocation
 from nr_jax.controller import REJUVENATE, SEARCH, decide
 from nr_jax.graph import ChannelGraph
 from nr_jax.layers import MASKS
-from nr_jax.liveness import liveness, utilization
+from nr_jax.live import liveness, utilization
 from nr_jax.sparsity import get_lambda, set_lambda
 from nr_jax.steps import TrainState
 from nr_jax.surgery import Rejuvenation, rejuvenate

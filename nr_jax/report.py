@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 
 from nr_jax.graph import ChannelGraph
-from nr_jax.liveness import Counts
+from nr_jax.live import Counts
 
 __all__ = ["Rejuvenation", "RejuvenationReport"]
 

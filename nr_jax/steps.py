@@ -23,9 +23,9 @@ import optax
 
 from nr_jax.controller import ControllerState, init_controller
 from nr_jax.graph import ChannelGraph
+from nr_jax.heads import head_logits, nr_loss
 from nr_jax.layers import MASKS
-from nr_jax.liveness import liveness, utilization
-from nr_jax.schemes import head_logits, nr_loss
+from nr_jax.live import liveness, utilization
 from nr_jax.sparsity import get_lambda, l1_bn_scales
 
 Mesh = jax.sharding.Mesh

@@ -30,7 +30,7 @@ from nr_jax import planning
 from nr_jax.allocation import Allocation
 from nr_jax.graph import INPUT, ChannelGraph, channel_graph
 from nr_jax.layers import MASKS, UnitWidth, WidthSpec
-from nr_jax.liveness import Liveness, count, liveness
+from nr_jax.live import Liveness, count, liveness
 from nr_jax.optstate import Axis, carry, remap_opt_state
 from nr_jax.planning import Plan
 from nr_jax.report import Rejuvenation, RejuvenationReport
