@@ -198,7 +198,6 @@ def train_and_evaluate(
     if config.distributed and not _distributed_ready():
         jax.distributed.initialize()  # coordinator, process count and id from the environment
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -224,7 +223,8 @@ def _open(
     config: ml_collections.ConfigDict, workdir: str, callbacks: Callbacks
 ) -> tuple[_Run, TrainState, int, dict, dict | None]:
     """The run's objects and its state: fresh, or resumed from the newest good checkpoint."""
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config, workdir)  # resolves every name: nothing is written before
+    os.makedirs(workdir, exist_ok=True)
     key = jax.random.key(config.seed)
     state = trainer.place(
         init_state(trainer.model, trainer.tx, config, trainer.info.image_shape, key)
