@@ -10,6 +10,9 @@ Writes `results.md` (mean and standard deviation of the final test error, parame
 `results.json` and `results.png` into --out.
 
     python -m experiments.reproduce_fmnist --out runs/fmnist_table
+
+Errors are one line on stderr (`experiments.cli`): exit status 2 for a refused input, 1 for a
+failure during a run; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from experiments.configs import fmnist_table
 from nr_jax import train
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(cli)  # --debug
 flags.DEFINE_string("out", "runs/fmnist_table", "Output directory.")
 flags.DEFINE_list("archs", ["vgg", "resnet"], "Architectures (keys of fmnist_table.ARCHS).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
@@ -158,4 +163,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

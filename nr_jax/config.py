@@ -7,6 +7,7 @@ value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -91,19 +92,61 @@ def refuse(field: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}")
 
 
+def check_field(config: ml_collections.ConfigDict, path: str) -> None:
+    """Raises the one-line `ConfigError` when `config.<path>` names no field of `config`.
+
+    The message names the nearest valid field (`difflib.get_close_matches`), e.g.
+    `config.nr.lamda is not a field: did you mean config.nr.lam?`, or lists the fields there.
+
+    Args:
+      config: the configuration whose fields are valid (e.g. `base_config()`).
+      path: a dotted field path without the leading `config.`, e.g. `"nr.lam"`.
+    """
+    node, walked = config, "config"
+    for part in path.split("."):
+        group = isinstance(node, ml_collections.ConfigDict)
+        fields = list(node.keys()) if group else []
+        if part not in fields:
+            near = difflib.get_close_matches(part, fields, n=1)
+            hint = f"the fields of {walked} are {sorted(fields)}"
+            if near:
+                hint = f"did you mean {walked}.{near[0]}?"
+            elif not group:
+                hint = f"{walked} is a value, not a group of fields"
+            raise ConfigError(f"config.{path} is not a field: {hint}")
+        node, walked = node[part], f"{walked}.{part}"
+
+
+def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaves of `config` (the free-form `model_kwargs` group excluded)."""
+    paths = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict) and path != "model_kwargs":
+            paths += _field_paths(value, f"{path}.")
+        elif path != "model_kwargs":
+            paths.append(path)
+    return paths
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` naming the first bad field; returns None when all is well.
 
-    Checks values only. Names are checked where their registry resolves them, with the same
-    one-line message (`refuse`): `config.model`, `config.nr.scheme` and `config.conv_weight_grad`
-    by `nr_jax.models.get`, `config.dataset` by `nr_jax.data.dataset_info`, `config.nr.allocation`
-    by `nr_jax.allocation.resolve`; `nr_jax.train.Trainer` resolves all of them before any compute.
+    Checks that every field is one of `base_config()`'s (`check_field`: the nearest valid name
+    for a misspelt one; `model_kwargs` is free-form, checked by `nr_jax.models.get`), then the
+    values. Names are checked where their registry resolves them, with the same one-line message
+    (`refuse`): `config.model`, `config.nr.scheme` and `config.conv_weight_grad` by
+    `nr_jax.models.get`, `config.dataset` by `nr_jax.data.dataset_info`, `config.nr.allocation` by
+    `nr_jax.allocation.resolve`; `nr_jax.train.Trainer` resolves all of them before any compute.
     """
     missing = [k for k in base_config() if k not in config]
     if missing:
         raise ConfigError(
             f"config lacks the fields {missing}; start from nr_jax.config.base_config()"
         )
+    base = base_config()
+    for path in _field_paths(config):
+        check_field(base, path)  # a misspelt field would be silently ignored otherwise
     for field in ("batch_size", "eval_batch_size", "epochs", "log_every_steps", "keep_checkpoints"):
         value = config[field]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -28,7 +28,7 @@ from nr_jax import data as nr_data
 from nr_jax import models
 from nr_jax.callbacks import Callbacks
 from nr_jax.checkpoint import Checkpointer, CheckpointError
-from nr_jax.config import validate
+from nr_jax.config import ConfigError, validate
 from nr_jax.controller import REJUVENATED, phase_name, total_epochs
 from nr_jax.graph import channel_graph
 from nr_jax.layers import WidthSpec
@@ -91,7 +91,7 @@ class Trainer:
             conv_weight_grad=config.conv_weight_grad,
             # batch chunks of a batch sharded over several devices would live on different ones
             batch_chunks=self.mesh is None or self.mesh.size == 1,
-            **config.model_kwargs,
+            model_kwargs=config.model_kwargs,  # refused if unknown or set by the run
         )
         allocation_rule(config)  # refuses an unknown nr.allocation now, before any compute
         self.graph = channel_graph(self.model, self.input_shape)
@@ -152,6 +152,7 @@ def _meta(
     controller's state is in the checkpointed `TrainState`; its phase is repeated here for people.
     """
     return {
+        "model": _model_identity(trainer.config),
         "widths": trainer.model.widths.to_json(),
         "epoch": int(state.epoch),
         "step": int(state.step),
@@ -161,6 +162,37 @@ def _meta(
         "data_state": data_state,
         "history": history,
     }
+
+
+def _model_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a checkpoint's arrays belong to (recorded in its meta): model, dataset, model_kwargs."""
+    kwargs = json.loads(json.dumps(config.model_kwargs.to_dict(), default=str))  # tuples: lists
+    return {"model": config.model, "dataset": config.dataset, "model_kwargs": kwargs}
+
+
+def _check_resumable(trainer: Trainer, ckpt: Checkpointer) -> None:
+    """Refuses (`ConfigError`) to resume a checkpoint of another model, naming what it holds and
+    what the config asks for; reads the JSON meta only (before any compute, nothing written).
+
+    Checkpoints without the `model` entry (older runs) are compared by their units' names.
+    """
+    step = ckpt.latest_step()
+    if step is None:
+        return
+    meta, asked = ckpt.read_meta(step), _model_identity(trainer.config)
+    found = meta.get("model")
+    if found is None:
+        known = {u.name for u in trainer.graph.all_units}
+        extra = sorted(set(WidthSpec.from_json(meta["widths"]).as_dict()) - known)
+        if not extra:
+            return
+        found = f"a model with the units {extra[:3]} (not units of {trainer.config.model!r})"
+    elif found == asked:
+        return
+    raise ConfigError(
+        f"workdir {trainer.workdir!r} holds a checkpoint (step {step}) of {found}, but the config "
+        f"asks for {asked}: resume it with the config it was made with, or use another workdir"
+    )
 
 
 def _distributed_ready() -> bool:
@@ -223,13 +255,9 @@ def _open(
     config: ml_collections.ConfigDict, workdir: str, callbacks: Callbacks
 ) -> tuple[_Run, TrainState, int, dict, dict | None]:
     """The run's objects and its state: fresh, or resumed from the newest good checkpoint."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir!r} is a file: expected a directory (made if missing)")
     trainer = Trainer(config, workdir)  # resolves every name: nothing is written before
-    os.makedirs(workdir, exist_ok=True)
-    key = jax.random.key(config.seed)
-    state = trainer.place(
-        init_state(trainer.model, trainer.tx, config, trainer.info.image_shape, key)
-    )
-    data = nr_data.RunData(config, trainer.info)
     ckpt = (
         Checkpointer(
             os.path.join(workdir, "checkpoints"),
@@ -238,6 +266,19 @@ def _open(
         )
         if config.checkpoint
         else None
+    )
+    try:
+        if ckpt is not None:
+            _check_resumable(trainer, ckpt)  # another model's checkpoint: refused, none written
+        data = nr_data.RunData(config, trainer.info)  # a missing dataset: refused before compute
+    except BaseException:
+        if ckpt is not None:
+            ckpt.close()
+        raise
+    os.makedirs(workdir, exist_ok=True)
+    key = jax.random.key(config.seed)
+    state = trainer.place(
+        init_state(trainer.model, trainer.tx, config, trainer.info.image_shape, key)
     )
     history, position, partial, data_state = [], 0, {}, None
     if ckpt is not None and ckpt.latest_step() is not None:

@@ -1,5 +1,8 @@
 """`python -m experiments.benchmark [--out DIR] [--full] [--paper_scale] [--sections ...]`: runs
-the sections (see `experiments.benchmark`) and writes `benchmark.json` and `benchmark.md`."""
+the sections (see `experiments.benchmark`) and writes `benchmark.json` and `benchmark.md`.
+
+Errors are one line on stderr (`experiments.cli`): exit status 2 for a refused input (an unknown
+section), 1 for a failure; `--debug` adds the traceback."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from absl import app
+from absl import app, flags
 
+from experiments import cli
 from experiments.benchmark.common import FLAGS, SECTIONS
 from experiments.benchmark.compilations import compilations
 from experiments.benchmark.efficiency import efficiency
@@ -23,6 +27,8 @@ from experiments.benchmark.pipeline import input_pipeline
 from experiments.benchmark.post import post_rejuvenation_cost
 from experiments.benchmark.report import write
 from experiments.benchmark.watching import watching_overhead
+
+flags.adopt_module_key_flags(cli)  # --debug
 
 
 def main(argv: list[str]) -> None:
@@ -75,4 +81,4 @@ def run_sections(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -5,7 +5,10 @@ Adding a model family means adding a module here that calls `register`; no train
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 
@@ -33,8 +36,13 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str, **kwargs) -> nn.Module:
+def get(name: str, *, model_kwargs: Mapping[str, Any] | None = None, **kwargs) -> nn.Module:
     """Builds the registered model `name` (e.g. `get("vgg19_cifar", num_classes=10)`).
+
+    `model_kwargs` are the user's extra keywords (`config.model_kwargs`, passed by the trainer
+    next to the keywords it sets from the rest of the config): one that is also in `kwargs`,
+    that the registered factory fixes itself, or that the model does not know is refused with
+    the one-line `ConfigError` naming `config.model_kwargs.<keyword>`.
 
     Raises:
       ConfigError: `name`, or the `scheme` / `conv_weight_grad` keyword, is not a known one (the
@@ -42,11 +50,44 @@ def get(name: str, **kwargs) -> nn.Module:
     """
     if name not in _REGISTRY:
         refuse("model", name, f"one of {names()}")
+    extra = dict(model_kwargs or {})
+    for key in sorted(set(extra) & set(kwargs)):
+        refuse(f"model_kwargs.{key}", extra[key], f"unset: the run sets {key} from the config")
+    own, kwargs = kwargs, {**kwargs, **extra}
     if "scheme" in kwargs and kwargs["scheme"] not in SCHEMES:
         refuse("nr.scheme", kwargs["scheme"], f"one of {SCHEMES}")
     if "conv_weight_grad" in kwargs and kwargs["conv_weight_grad"] not in CONV_WEIGHT_GRADS:
         refuse("conv_weight_grad", kwargs["conv_weight_grad"], f"one of {CONV_WEIGHT_GRADS}")
-    return _REGISTRY[name](**kwargs)
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as e:
+        _refuse_keyword(name, e, extra, own)  # a model_kwargs keyword the factory refused
+        raise
+
+
+_UNKNOWN = re.compile(r"unexpected keyword argument '(\w+)'")
+_FIXED = re.compile(r"multiple values for (?:keyword )?argument '(\w+)'")
+
+
+def _refuse_keyword(
+    name: str, error: TypeError, extra: dict[str, Any], own: dict[str, Any]
+) -> None:
+    """Turns a factory's `TypeError` about one of the user's keywords into the one-line refusal
+    (naming the model's fields); returns for any other `TypeError`."""
+    for pattern in (_UNKNOWN, _FIXED):
+        match = pattern.search(str(error))
+        if match is None or match.group(1) not in extra:
+            continue
+        key = match.group(1)
+        if pattern is _FIXED:
+            refuse(f"model_kwargs.{key}", extra[key], f"unset: model {name!r} fixes {key} itself")
+        model = _REGISTRY[name](**own)
+        fields = [
+            f.name
+            for f in dataclasses.fields(model)
+            if f.init and f.name not in ("parent", "name", *own)
+        ]
+        refuse(f"model_kwargs.{key}", extra[key], f"a keyword of model {name!r}: one of {fields}")
 
 
 from nr_jax.models import densenet, resnet, vgg, vgg_imagenet  # noqa: E402,F401  (registration)
