@@ -22,14 +22,23 @@ falling back from a corrupt newest checkpoint to the previous good one (with a w
 error naming the leaf path and both shapes where the abstract tree does not describe the
 checkpoint (orbax would pad, truncate, or re-wrap PRNG keys whatever the target asks); zero-size
 leaves (orbax: "Cannot save arrays with zero size") stored as empty nodes, rebuilt as zeros; the
-gh-106905 log filters (:mod:`nr_jax.orbax_logging`) while a ``Checkpointer`` is open.
+gh-106905 log filters (:mod:`nr_jax.orbax_logging`) while a ``Checkpointer`` is open; a table of
+the array files (``nr_jax_files.json`` in the step directory: size and CRC-32 of every file of the
+``state`` item, written right after the commit) checked before orbax reads a step. A truncated,
+missing or altered array file is then refused by name before any read: orbax would detect some
+of these only in the middle of its concurrent reads (and abandon the others, which then report
+"Event loop is closed" to the terminal, past any logging filter) and others not at all (silent
+corruption of uncompressed chunks). A step without the table (saved by an earlier version, or
+killed between the commit and the table) is read with orbax's own checks only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +56,7 @@ SaveCallback = Callable[[str, int, str], None]
 logger = logging.getLogger(__name__)
 
 _STATE, _META = "state", "meta"
+_FILES = "nr_jax_files.json"  # the array files' table, in the step directory (not an orbax item)
 _FORMAT_VERSION = 2  # 1: the hand-flattened layout of earlier versions
 
 
@@ -247,6 +257,7 @@ class Checkpointer:
         # force: orbax would otherwise skip a step <= its latest one.
         if not self._manager.save(step, args=args, force=True):
             raise CheckpointError(f"orbax declined to save step {step} in {self._directory}")
+        _write_file_table(self._step_dir(step))
         self._on_save("end", step, self._directory)
 
     def all_steps(self) -> list[int]:
@@ -256,9 +267,11 @@ class Checkpointer:
         return sorted(int(s) for s in self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest step whose meta and orbax metadata read (arrays: see restore), or None."""
+        """The newest step whose array files are as written (sizes and CRC-32, checked before
+        orbax reads anything) and whose meta and orbax metadata read, or None."""
         for step in reversed(self.all_steps()):
             try:
+                _check_file_table(self._step_dir(step))  # before orbax reads anything
                 self._read_meta(step)
                 self._read_stored(step)
                 return step
@@ -290,8 +303,9 @@ class Checkpointer:
         ``abstract_fn(meta)`` returns the saved state's structure with ``jax.ShapeDtypeStruct``
         (or array) leaves; orbax reads exactly those shapes and dtypes (casting values), as
         ``jax.Array`` with the leaf's sharding or on the default device; PRNG keys as typed keys.
-        With ``step=None`` a corrupt or partial checkpoint (unreadable meta or orbax metadata, or
-        a failing array read) is skipped with a warning for the next older one.
+        With ``step=None`` a corrupt or partial checkpoint (unreadable meta or orbax metadata, an
+        array file missing, truncated or altered since the save, or a failing array read) is
+        skipped with a warning for the next older one.
 
         Returns:
             ``(state, meta, step)``.
@@ -311,6 +325,11 @@ class Checkpointer:
         candidates = [int(step)] if step is not None else steps[::-1]
         failures: list[str] = []
         for cand in candidates:
+            try:  # before orbax reads anything: a damaged file would fail amid concurrent reads
+                _check_file_table(self._step_dir(cand))
+            except CheckpointError as e:
+                self._skip(failures, f"step {cand}: damaged array files", e, step)
+                continue
             try:
                 meta, stored = self._read_meta(cand), self._read_stored(cand)
             except Exception as e:  # noqa: BLE001 - corrupt/partial checkpoint
@@ -364,6 +383,10 @@ class Checkpointer:
         shapes.update({name: tuple(shape) for name, shape in custom["zero_size"].items()})
         return {"shapes": shapes, "prng_keys": custom["prng_keys"]}
 
+    def _step_dir(self, step: int) -> str:
+        """The directory of ``step`` (orbax's default step name: the number itself)."""
+        return os.path.join(self._directory, str(step))
+
     def _not_found(self, step: int | None = None) -> CheckpointNotFoundError:
         if step is None:
             return CheckpointNotFoundError(f"no valid checkpoint found in {self._directory}")
@@ -390,6 +413,51 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self._directory!r})"
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _write_file_table(step_dir: str) -> None:
+    """Records size and CRC-32 of every file of the committed step's ``state`` item (atomically:
+    a temporary file renamed into place)."""
+    table = {}
+    for root, _, files in os.walk(os.path.join(step_dir, _STATE)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            table[os.path.relpath(path, step_dir)] = [os.path.getsize(path), _crc32(path)]
+    tmp = os.path.join(step_dir, f"{_FILES}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=0, sort_keys=True)
+    os.replace(tmp, os.path.join(step_dir, _FILES))
+
+
+def _check_file_table(step_dir: str) -> None:
+    """Raises ``CheckpointError`` naming the first array file of the step that is missing, has
+    another size or other contents (CRC-32) than at the save; a step without the table passes
+    (orbax's own checks remain)."""
+    path = os.path.join(step_dir, _FILES)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"unreadable file table {path}: {e}") from e
+    for name, (size, crc) in sorted(table.items()):
+        file = os.path.join(step_dir, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"array file {file} is missing")
+        if os.path.getsize(file) != size:
+            got = os.path.getsize(file)
+            raise CheckpointError(f"array file {file} has {got} bytes; {size} were written")
+        if _crc32(file) != crc:
+            raise CheckpointError(f"array file {file} differs from what was written (CRC-32)")
 
 
 def _check_step(step: int) -> int:
