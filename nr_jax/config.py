@@ -24,7 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_kwargs = ml_collections.ConfigDict()  # extra keyword arguments of the model factory
     c.dataset = "fashion_mnist"
     c.data_dir = ""  # tfds data dir ("" = default: $NR_JAX_DATA_DIR or ~/tensorflow_datasets)
-    c.train_limit = 0  # use the first N training examples (0 = all)
+    # validation images held out of the training split by a fixed permutation (independent of
+    # seed and train_limit; nr_jax.data.run.validation_split), evaluated every epoch; with a
+    # validation split the test set is evaluated only at the final and best-validation epochs
+    c.val_size = 0  # 0 = no validation split (test every epoch)
+    c.train_limit = 0  # use the first N training examples after the validation split (0 = all)
     c.test_limit = 0
     c.augment = False
     c.seed = 0
@@ -160,7 +164,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 refuse(
                     field, config[field], f"a multiple of the {n} devices (or data_parallel=False)"
                 )
-    for field in ("train_limit", "test_limit", "checkpoint_every_steps"):
+    for field in ("val_size", "train_limit", "test_limit", "checkpoint_every_steps"):
         if not isinstance(config[field], int) or config[field] < 0:
             refuse(field, config[field], "an integer >= 0 (0 = all examples / off)")
     if config.preset not in ("improved", "official"):

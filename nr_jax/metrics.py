@@ -24,6 +24,7 @@ log = logging.getLogger("nr_jax")
 
 EPOCH_LINE_KEYS = (
     "train_loss",
+    "val_accuracy_sum",
     "test_accuracy_sum",
     "test_accuracy_old",
     "test_accuracy_new",
@@ -163,7 +164,11 @@ def summarize(
         "dataset": config.dataset,
         **extra,
         "final_test_accuracy": final.get("test_accuracy_sum"),
-        "best_test_accuracy": max((h["test_accuracy_sum"] for h in history), default=None),
+        # with a validation split only the final epoch's record carries test figures (the
+        # best-validation epoch's are in `extra["best_validation"]`)
+        "best_test_accuracy": max(
+            (h["test_accuracy_sum"] for h in history if "test_accuracy_sum" in h), default=None
+        ),
         "counts": count(graph)._asdict(),
         "widths": graph.widths,
     }

@@ -211,11 +211,17 @@ class Steps:
 
 
 def evaluate(
-    steps: Steps, state: TrainState, batches: Iterator[dict], on_batch: Any = None
+    steps: Steps,
+    state: TrainState,
+    batches: Iterator[dict],
+    on_batch: Any = None,
+    prefix: str = "test",
 ) -> dict[str, float]:
-    """Test loss and accuracy (summed logits, and old/new heads after rejuvenation).
+    """Loss and accuracy over `batches` (summed logits, and old/new heads after rejuvenation).
 
-    `on_batch(index)`, if given, is called after each batch (`Callbacks.on_eval_batch`).
+    Returns `{prefix}_loss` and `{prefix}_accuracy_{head}` (e.g. `test_accuracy_sum`; `prefix`
+    "val" for the validation split). `on_batch(index)`, if given, is called after each batch
+    (`Callbacks.on_eval_batch`).
     """
     totals: dict[str, Any] = {}
     for i, batch in enumerate(batches):
@@ -225,11 +231,50 @@ def evaluate(
             on_batch(i)
     totals = jax.device_get(totals)
     n = float(totals["count"])
-    out = {"test_loss": float(totals["loss_sum"]) / n}
+    out = {f"{prefix}_loss": float(totals["loss_sum"]) / n}
     for key, value in totals.items():
         if key.startswith("correct_"):
-            out["test_accuracy_" + key[len("correct_") :]] = float(value) / n
+            out[f"{prefix}_accuracy_" + key[len("correct_") :]] = float(value) / n
     return out
+
+
+def evaluate_epoch(
+    steps: Steps,
+    state: TrainState,
+    data: Any,
+    epoch: int,
+    final: bool,
+    best: dict[str, Any],
+    on_batch: Any = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The evaluation of epoch `epoch` (1-based): the metrics of its record and the new `best`.
+
+    Without a validation split (`data.num_val` 0) the record gets the test metrics, every epoch,
+    and `best` stays as it is. With one, the record gets the validation metrics (`val_loss`,
+    `val_accuracy_*`), and the test metrics only when `final` (the run's last epoch). The test set
+    is also evaluated when the epoch reaches a new best `val_accuracy_sum` (strictly above the
+    previous best, so ties keep the earlier epoch); those figures go into the returned best entry
+    `{"epoch": epoch, val_*, test_*}`, never into the record, and replace the previous best's.
+
+    Args:
+      steps: the jitted steps of the current width configuration.
+      state: the state after the epoch's training.
+      data: the run's `nr_jax.data.RunData` (`num_val`, `val_batches`, `test_batches`).
+      epoch: the epoch's number, 1-based (as in its record).
+      final: whether this is the run's last epoch.
+      best: the best-validation entry so far ({} before the first epoch).
+      on_batch: `Callbacks.on_eval_batch`, called after each batch of every evaluation.
+    """
+    if not data.num_val:
+        return evaluate(steps, state, data.test_batches(), on_batch), best
+    record = evaluate(steps, state, data.val_batches(), on_batch, prefix="val")
+    test = None
+    if not best or record["val_accuracy_sum"] > best["val_accuracy_sum"]:
+        test = evaluate(steps, state, data.test_batches(), on_batch)
+        best = {"epoch": epoch, **record, **test}
+    if final:
+        record.update(test or evaluate(steps, state, data.test_batches(), on_batch))
+    return record, best
 
 
 @jax.jit

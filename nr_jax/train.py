@@ -29,7 +29,7 @@ from nr_jax import models
 from nr_jax.callbacks import Callbacks
 from nr_jax.checkpoint import Checkpointer, CheckpointError
 from nr_jax.config import ConfigError, validate
-from nr_jax.controller import REJUVENATED, phase_name, total_epochs
+from nr_jax.controller import REJUVENATED, SEARCH, phase_name, total_epochs
 from nr_jax.graph import channel_graph
 from nr_jax.layers import WidthSpec
 from nr_jax.metrics import MetricWriter, format_record, log_widths, summarize
@@ -39,6 +39,7 @@ from nr_jax.steps import (
     TrainState,
     check_finite,
     evaluate,
+    evaluate_epoch,
     get_learning_rate,
     init_state,
     learning_rate,
@@ -142,14 +143,16 @@ def _meta(
     position: int = 0,
     partial: dict[str, float] | None = None,
     data_state: dict[str, Any] | None = None,
+    best: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON half of a checkpoint: widths, history and the data position.
+    """The JSON half of a checkpoint: widths, history, the data position and the best entry.
 
     `position` is the number of batches of epoch `state.epoch` already trained (0 at an epoch
     boundary), `partial` the running sums of that epoch's train metrics and `data_state` the
     grain iterator's `get_state()` (None at an epoch boundary): the data order is a pure
     function of (seed, epoch), so a run resumes bit-identically at the very next batch. The NR
     controller's state is in the checkpointed `TrainState`; its phase is repeated here for people.
+    `best` is the best-validation entry (`nr_jax.steps.evaluate_epoch`; {} without validation).
     """
     return {
         "model": _model_identity(trainer.config),
@@ -161,6 +164,7 @@ def _meta(
         "partial": dict(partial or {}),
         "data_state": data_state,
         "history": history,
+        "best": dict(best or {}),
     }
 
 
@@ -216,6 +220,7 @@ class _Run:
     key: jax.Array
     history: list[dict]
     report: Any = None  # the rejuvenation report, when this process rejuvenated
+    best: dict = dataclasses.field(default_factory=dict)  # the best-validation entry
 
 
 def train_and_evaluate(
@@ -280,12 +285,12 @@ def _open(
     state = trainer.place(
         init_state(trainer.model, trainer.tx, config, trainer.info.image_shape, key)
     )
-    history, position, partial, data_state = [], 0, {}, None
+    history, position, partial, data_state, best = [], 0, {}, None, {}
     if ckpt is not None and ckpt.latest_step() is not None:
-        state, history, position, partial, data_state = _resume(trainer, ckpt)
+        state, history, position, partial, data_state, best = _resume(trainer, ckpt)
         state = trainer.place(state)
     writer = MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=int(state.step))
-    run = _Run(config, workdir, trainer, data, writer, ckpt, callbacks, key, history)
+    run = _Run(config, workdir, trainer, data, writer, ckpt, callbacks, key, history, best=best)
     log_widths(trainer.graph, "start")
     if int(state.controller.phase) == REJUVENATED and config.nr.rescale_target > 0:
         state = trainer.maybe_rescale(state)  # the second step of the two-step flow
@@ -301,13 +306,16 @@ def _epoch(
     """
     trainer, epoch = run.trainer, int(state.epoch)
     state, train_metrics = _train_epoch(run, state, epoch, position, partial, data_state)
-    test_metrics = evaluate(
-        trainer.steps, state, run.data.test_batches(), run.callbacks.on_eval_batch
+    final = int(state.controller.phase) != SEARCH and epoch + 1 >= total_epochs(
+        state.controller, run.config.epochs
+    )  # validation runs evaluate the test set at the final and the best-validation epochs only
+    eval_metrics, run.best = evaluate_epoch(
+        trainer.steps, state, run.data, epoch + 1, final, run.best, run.callbacks.on_eval_batch
     )
     state = state.replace(epoch=state.epoch + 1)
     check_finite(state)
     state, event = trainer.epoch_end(state, jax.random.fold_in(run.key, 1_000_003 + epoch))
-    record = {"epoch": epoch + 1, **train_metrics, **test_metrics}
+    record = {"epoch": epoch + 1, **train_metrics, **eval_metrics}
     record["phase"] = phase_name(state.controller)
     if "utilization" in event:
         record["epoch_utilization"] = event["utilization"]
@@ -319,7 +327,7 @@ def _epoch(
     run.writer.write(int(state.step), {f"epoch/{k}": v for k, v in record.items()})
     log.info("epoch %d: %s", epoch + 1, format_record(record))
     if run.ckpt is not None:
-        run.ckpt.save(int(state.step), state, _meta(trainer, state, run.history))
+        run.ckpt.save(int(state.step), state, _meta(trainer, state, run.history, best=run.best))
     return state, "rejuvenation" in event and run.config.nr.compress_only
 
 
@@ -346,6 +354,8 @@ def _finish(run: _Run, state: TrainState, wall: float) -> dict[str, Any]:
         "traces": dict(trainer.counter),
         "wall_time_s": wall,
     }
+    if run.best:
+        extra["best_validation"] = run.best  # its test figures appear nowhere else
     summary = summarize(run.config, trainer.graph, run.history, extra)
     if run.report is not None:
         summary["rejuvenation"] = run.report.as_dict()
@@ -390,7 +400,7 @@ def _train_epoch(
             window = []
         if checkpoint_now:
             check_finite(state)
-            meta = _meta(trainer, state, run.history, i + 1, sums, batches.get_state())
+            meta = _meta(trainer, state, run.history, i + 1, sums, batches.get_state(), run.best)
             run.ckpt.save(int(state.step), state, meta)
         step += 1
         if run.callbacks.on_train_step is not None:
@@ -435,8 +445,9 @@ def _progress(total: int, desc: str, enabled: bool, start: int = 0) -> Any:
     return bar
 
 
-def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list, int, dict, Any]:
-    """The newest good checkpoint: state, history, data position, partial sums, data state."""
+def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list, int, dict, Any, dict]:
+    """The newest good checkpoint: state, history, data position, partial sums, data state and
+    the best-validation entry."""
 
     def abstract(meta: dict) -> Any:
         widths = WidthSpec.from_json(meta["widths"])
@@ -459,4 +470,5 @@ def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list, int
         phase_name(restored.controller),
     )
     partial, data_state = dict(meta.get("partial", {})), meta.get("data_state")
-    return restored, list(meta["history"]), position, partial, data_state
+    best = dict(meta.get("best") or {})
+    return restored, list(meta["history"]), position, partial, data_state, best

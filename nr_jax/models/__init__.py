@@ -6,6 +6,7 @@ Adding a model family means adding a module here that calls `register`; no train
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,6 +37,16 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def scaled_width(features: int, multiplier: float) -> int:
+    """A unit's width `features` times `multiplier`, rounded half up, at least 1 channel.
+
+    The families' `width_multiplier` field (`get(name, width_multiplier=1.5)` or
+    `config.model_kwargs.width_multiplier`) scales every unit's default width with it; widths
+    set by a `WidthSpec` (after rejuvenation) are used as they are.
+    """
+    return max(1, math.floor(features * multiplier + 0.5))
+
+
 def get(name: str, *, model_kwargs: Mapping[str, Any] | None = None, **kwargs) -> nn.Module:
     """Builds the registered model `name` (e.g. `get("vgg19_cifar", num_classes=10)`).
 
@@ -44,9 +55,13 @@ def get(name: str, *, model_kwargs: Mapping[str, Any] | None = None, **kwargs) -
     that the registered factory fixes itself, or that the model does not know is refused with
     the one-line `ConfigError` naming `config.model_kwargs.<keyword>`.
 
+    Every family takes `width_multiplier` (default 1.0): each unit's default width is scaled by
+    it and rounded (`scaled_width`); the classifier keeps `num_classes` outputs.
+
     Raises:
-      ConfigError: `name`, or the `scheme` / `conv_weight_grad` keyword, is not a known one (the
-        one-line message of `nr_jax.config.refuse`, naming the config field that sets it).
+      ConfigError: `name`, or the `scheme` / `conv_weight_grad` keyword, is not a known one, or
+        `width_multiplier` is not a number > 0 (the one-line message of `nr_jax.config.refuse`,
+        naming the config field that sets it).
     """
     if name not in _REGISTRY:
         refuse("model", name, f"one of {names()}")
@@ -54,6 +69,9 @@ def get(name: str, *, model_kwargs: Mapping[str, Any] | None = None, **kwargs) -
     for key in sorted(set(extra) & set(kwargs)):
         refuse(f"model_kwargs.{key}", extra[key], f"unset: the run sets {key} from the config")
     own, kwargs = kwargs, {**kwargs, **extra}
+    m = kwargs.get("width_multiplier", 1.0)
+    if isinstance(m, bool) or not isinstance(m, int | float) or not m > 0:
+        refuse("model_kwargs.width_multiplier", m, "a number > 0 (1.0 = the default widths)")
     if "scheme" in kwargs and kwargs["scheme"] not in SCHEMES:
         refuse("nr.scheme", kwargs["scheme"], f"one of {SCHEMES}")
     if "conv_weight_grad" in kwargs and kwargs["conv_weight_grad"] not in CONV_WEIGHT_GRADS:

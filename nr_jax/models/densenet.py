@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 
 from nr_jax import layers
-from nr_jax.models import register
+from nr_jax.models import register, scaled_width
 
 STEMS = ("cifar", "imagenet")
 
@@ -60,6 +60,9 @@ class DenseNet(nn.Module):
       conv_weight_grad: kernel-gradient mode of every unit (`nr_jax.layers.NRConv`).
       batch_chunks: whether unit kernel gradients sum over batch chunks (False when the batch is
         sharded over several devices; `nr_jax.layers.NRConv`).
+      width_multiplier: the stem, bottleneck and growth widths are scaled by it and rounded
+        (`nr_jax.models.scaled_width`); a transition keeps `compression` of the channels it
+        receives.
     """
 
     blocks: tuple[int, ...]
@@ -76,6 +79,7 @@ class DenseNet(nn.Module):
     dtype: Any = None
     conv_weight_grad: str = "auto"
     batch_chunks: bool = True
+    width_multiplier: float = 1.0
 
     def _unit(self, name: str, features: int, kernel_size: int, strides: int = 1) -> layers.NRConv:
         return layers.conv_unit(
@@ -111,8 +115,9 @@ class DenseNet(nn.Module):
             raise ValueError(f"DenseNet: stem must be one of {STEMS}, got {self.stem!r}")
         if not self.blocks or any(n < 1 for n in self.blocks):
             raise ValueError(f"DenseNet: blocks must be positive layer counts, got {self.blocks}")
-        k = self.growth
-        channels = self.stem_features or 2 * k  # nominal (pre-rejuvenation) channel count
+        m = self.width_multiplier
+        k, bottleneck = scaled_width(self.growth, m), scaled_width(self.bn_size * self.growth, m)
+        channels = scaled_width(self.stem_features or 2 * self.growth, m)  # nominal (pre-NR) count
         if self.stem == "cifar":
             x = self._unit("stem", channels, 3)(x, train)
         else:
@@ -122,7 +127,7 @@ class DenseNet(nn.Module):
         for b, n_layers in enumerate(self.blocks, start=1):
             for i in range(1, n_layers + 1):
                 h = self._concat(features, names)
-                h = self._unit(f"b{b}l{i}_conv1", self.bn_size * k, 1)(h, train)
+                h = self._unit(f"b{b}l{i}_conv1", bottleneck, 1)(h, train)
                 h = self._unit(f"b{b}l{i}_conv2", k, 3)(h, train)
                 features.append(h)
                 names.append(f"b{b}l{i}_conv2")

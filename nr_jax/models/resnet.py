@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from nr_jax import layers
-from nr_jax.models import register
+from nr_jax.models import register, scaled_width
 
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("cifar", "imagenet")
@@ -89,6 +89,8 @@ class ResNet(nn.Module):
       conv_weight_grad: kernel-gradient mode of every unit (`nr_jax.layers.NRConv`).
       batch_chunks: whether unit kernel gradients sum over batch chunks (False when the batch is
         sharded over several devices; `nr_jax.layers.NRConv`).
+      width_multiplier: every unit's default width (stem, planes, planes * expansion) is scaled
+        by it and rounded (`nr_jax.models.scaled_width`).
     """
 
     stage_sizes: tuple[int, ...]
@@ -107,6 +109,7 @@ class ResNet(nn.Module):
     dtype: Any = None
     conv_weight_grad: str = "auto"
     batch_chunks: bool = True
+    width_multiplier: float = 1.0
 
     def _unit(
         self,
@@ -120,7 +123,7 @@ class ResNet(nn.Module):
         return layers.conv_unit(
             self.widths,
             name,
-            features,
+            scaled_width(features, self.width_multiplier),
             kernel_size=kernel_size,
             strides=strides,
             fixed=fixed,
@@ -151,7 +154,7 @@ class ResNet(nn.Module):
         else:
             x = self._unit("stem", self.stem_width, 7, strides=2, fixed=tied)(x, train)
             x = layers.max_pool(x, 3, 2, padding=((1, 1), (1, 1)))
-        in_planes = self.stem_width  # default (pre-rejuvenation) stream width
+        in_planes = scaled_width(self.stem_width, self.width_multiplier)  # default stream width
         expansion = EXPANSION[self.block]
         for s, (n, planes, stride) in enumerate(
             zip(self.stage_sizes, self.planes, self.strides, strict=True), start=1
@@ -171,14 +174,14 @@ class ResNet(nn.Module):
                     y = self._unit(f"{name}_conv3", out_planes, 1, fixed=tied, activation=None)(
                         y, train
                     )
-                if st != 1 or in_planes != out_planes:
+                if st != 1 or in_planes != scaled_width(out_planes, self.width_multiplier):
                     shortcut = self._unit(
                         f"{name}_down", out_planes, 1, strides=st, fixed=tied, activation=None
                     )(x, train)
                 else:
                     shortcut = x
                 x = layers.relu(layers.add(y, shortcut))
-                in_planes = out_planes
+                in_planes = scaled_width(out_planes, self.width_multiplier)
         fan_in = x.shape[-1]
         bound = 1.0 / math.sqrt(fan_in)
         if self.head_init == "he_fan_out":  # 1x1 conv head: std sqrt(2 / (1*1*K))

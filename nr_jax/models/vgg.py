@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 
 from nr_jax import layers
-from nr_jax.models import register
+from nr_jax.models import register, scaled_width
 
 M = "M"  # max-pool 2x2 in a cfg
 VGG19_CIFAR = (64, 64, 128, 128, M, 256, 256, 256, 256, 512, 512, M, 512, 512, 512, 512, 512, 512)
@@ -37,6 +37,8 @@ class VGG(nn.Module):
       conv_weight_grad: kernel-gradient mode of every unit (`nr_jax.layers.NRConv`).
       batch_chunks: whether unit kernel gradients sum over batch chunks (False when the batch is
         sharded over several devices; `nr_jax.layers.NRConv`).
+      width_multiplier: every conv's default width `cfg` value is scaled by it and rounded
+        (`nr_jax.models.scaled_width`).
     """
 
     cfg: tuple[Any, ...]
@@ -48,6 +50,7 @@ class VGG(nn.Module):
     dtype: Any = None
     conv_weight_grad: str = "auto"
     batch_chunks: bool = True
+    width_multiplier: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -60,7 +63,7 @@ class VGG(nn.Module):
             x = layers.conv_unit(
                 self.widths,
                 f"conv{i}",
-                v,
+                scaled_width(v, self.width_multiplier),
                 kernel_size=3,
                 gamma_init=self.gamma_init,
                 scheme=self.scheme,

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 
 from nr_jax import layers
-from nr_jax.models import register
+from nr_jax.models import register, scaled_width
 
 M = "M"  # max-pool 2x2 in a cfg
 VGG16_NR = (64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M, 512, 512, 512)
@@ -41,6 +41,8 @@ class VGGImageNet(nn.Module):
       conv_weight_grad: kernel-gradient mode of every unit (`nr_jax.layers.NRConv`).
       batch_chunks: whether unit kernel gradients sum over batch chunks (False when the batch is
         sharded over several devices; `nr_jax.layers.NRConv`).
+      width_multiplier: every conv and FC unit's default width is scaled by it and rounded
+        (`nr_jax.models.scaled_width`).
     """
 
     cfg: tuple[Any, ...] = VGG16_NR
@@ -54,12 +56,13 @@ class VGGImageNet(nn.Module):
     dtype: Any = None
     conv_weight_grad: str = "auto"
     batch_chunks: bool = True
+    width_multiplier: float = 1.0
 
     def _unit(self, name: str, features: int, kernel_size: int) -> layers.NRConv:
         return layers.conv_unit(
             self.widths,
             name,
-            features,
+            scaled_width(features, self.width_multiplier),
             kernel_size=kernel_size,
             gamma_init=self.gamma_init,
             scheme=self.scheme,
