@@ -19,8 +19,8 @@ class Callbacks:
       on_train_step: `on_train_step(step)` after every optimiser step, with the number of steps
         taken so far (after that step's mid-epoch checkpoint, if there is one). Called without a
         device sync: the step may still be running.
-      on_eval_batch: `on_eval_batch(index)` after each test batch of every evaluation (index 0
-        first).
+      on_eval_batch: `on_eval_batch(index)` after each batch of every evaluation, test and
+        validation alike (index 0 first).
       after_rejuvenation: `after_rejuvenation()` right after the rejuvenation transform, before
         its epoch record and checkpoint are written.
       on_checkpoint: `on_checkpoint(event, step, directory)` around every checkpoint save:

@@ -34,11 +34,9 @@ killed between the commit and the table) is read with orbax's own checks only.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +44,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nr_jax import orbax_logging
+from nr_jax import file_table, orbax_logging
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "Checkpointer"]
 
@@ -56,7 +54,6 @@ SaveCallback = Callable[[str, int, str], None]
 logger = logging.getLogger(__name__)
 
 _STATE, _META = "state", "meta"
-_FILES = "nr_jax_files.json"  # the array files' table, in the step directory (not an orbax item)
 _FORMAT_VERSION = 2  # 1: the hand-flattened layout of earlier versions
 
 
@@ -257,7 +254,7 @@ class Checkpointer:
         # force: orbax would otherwise skip a step <= its latest one.
         if not self._manager.save(step, args=args, force=True):
             raise CheckpointError(f"orbax declined to save step {step} in {self._directory}")
-        _write_file_table(self._step_dir(step))
+        file_table.write(self._step_dir(step), _STATE)
         self._on_save("end", step, self._directory)
 
     def all_steps(self) -> list[int]:
@@ -271,7 +268,7 @@ class Checkpointer:
         orbax reads anything) and whose meta and orbax metadata read, or None."""
         for step in reversed(self.all_steps()):
             try:
-                _check_file_table(self._step_dir(step))  # before orbax reads anything
+                file_table.check(self._step_dir(step))  # before orbax reads anything
                 self._read_meta(step)
                 self._read_stored(step)
                 return step
@@ -326,8 +323,8 @@ class Checkpointer:
         failures: list[str] = []
         for cand in candidates:
             try:  # before orbax reads anything: a damaged file would fail amid concurrent reads
-                _check_file_table(self._step_dir(cand))
-            except CheckpointError as e:
+                file_table.check(self._step_dir(cand))
+            except file_table.DamagedFileError as e:
                 self._skip(failures, f"step {cand}: damaged array files", e, step)
                 continue
             try:
@@ -413,51 +410,6 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self._directory!r})"
-
-
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _write_file_table(step_dir: str) -> None:
-    """Records size and CRC-32 of every file of the committed step's ``state`` item (atomically:
-    a temporary file renamed into place)."""
-    table = {}
-    for root, _, files in os.walk(os.path.join(step_dir, _STATE)):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            table[os.path.relpath(path, step_dir)] = [os.path.getsize(path), _crc32(path)]
-    tmp = os.path.join(step_dir, f"{_FILES}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(table, f, indent=0, sort_keys=True)
-    os.replace(tmp, os.path.join(step_dir, _FILES))
-
-
-def _check_file_table(step_dir: str) -> None:
-    """Raises ``CheckpointError`` naming the first array file of the step that is missing, has
-    another size or other contents (CRC-32) than at the save; a step without the table passes
-    (orbax's own checks remain)."""
-    path = os.path.join(step_dir, _FILES)
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"unreadable file table {path}: {e}") from e
-    for name, (size, crc) in sorted(table.items()):
-        file = os.path.join(step_dir, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"array file {file} is missing")
-        if os.path.getsize(file) != size:
-            got = os.path.getsize(file)
-            raise CheckpointError(f"array file {file} has {got} bytes; {size} were written")
-        if _crc32(file) != crc:
-            raise CheckpointError(f"array file {file} differs from what was written (CRC-32)")
 
 
 def _check_step(step: int) -> int:

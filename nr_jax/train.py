@@ -27,13 +27,14 @@ import numpy as np
 from nr_jax import data as nr_data
 from nr_jax import models
 from nr_jax.callbacks import Callbacks
-from nr_jax.checkpoint import Checkpointer, CheckpointError
+from nr_jax.checkpoint import Checkpointer
 from nr_jax.config import ConfigError, validate
 from nr_jax.controller import REJUVENATED, SEARCH, phase_name, total_epochs
 from nr_jax.graph import channel_graph
 from nr_jax.layers import WidthSpec
 from nr_jax.metrics import MetricWriter, format_record, log_widths, summarize
 from nr_jax.rejuvenation import allocation_name, allocation_rule, rescale_state, search_epoch_end
+from nr_jax.run_state import check_resumable, checkpoint_meta, restore_run
 from nr_jax.steps import (
     Steps,
     TrainState,
@@ -136,69 +137,6 @@ class Trainer:
         return self.place(rescale_state(state, self.graph, self.config))
 
 
-def _meta(
-    trainer: Trainer,
-    state: TrainState,
-    history: list[dict],
-    position: int = 0,
-    partial: dict[str, float] | None = None,
-    data_state: dict[str, Any] | None = None,
-    best: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The JSON half of a checkpoint: widths, history, the data position and the best entry.
-
-    `position` is the number of batches of epoch `state.epoch` already trained (0 at an epoch
-    boundary), `partial` the running sums of that epoch's train metrics and `data_state` the
-    grain iterator's `get_state()` (None at an epoch boundary): the data order is a pure
-    function of (seed, epoch), so a run resumes bit-identically at the very next batch. The NR
-    controller's state is in the checkpointed `TrainState`; its phase is repeated here for people.
-    `best` is the best-validation entry (`nr_jax.steps.evaluate_epoch`; {} without validation).
-    """
-    return {
-        "model": _model_identity(trainer.config),
-        "widths": trainer.model.widths.to_json(),
-        "epoch": int(state.epoch),
-        "step": int(state.step),
-        "phase": phase_name(state.controller),
-        "position": int(position),
-        "partial": dict(partial or {}),
-        "data_state": data_state,
-        "history": history,
-        "best": dict(best or {}),
-    }
-
-
-def _model_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What a checkpoint's arrays belong to (recorded in its meta): model, dataset, model_kwargs."""
-    kwargs = json.loads(json.dumps(config.model_kwargs.to_dict(), default=str))  # tuples: lists
-    return {"model": config.model, "dataset": config.dataset, "model_kwargs": kwargs}
-
-
-def _check_resumable(trainer: Trainer, ckpt: Checkpointer) -> None:
-    """Refuses (`ConfigError`) to resume a checkpoint of another model, naming what it holds and
-    what the config asks for; reads the JSON meta only (before any compute, nothing written).
-
-    Checkpoints without the `model` entry (older runs) are compared by their units' names.
-    """
-    step = ckpt.latest_step()
-    if step is None:
-        return
-    meta, asked = ckpt.read_meta(step), _model_identity(trainer.config)
-    found = meta.get("model")
-    if found is None:
-        known = {u.name for u in trainer.graph.all_units}
-        extra = sorted(set(WidthSpec.from_json(meta["widths"]).as_dict()) - known)
-        if not extra:
-            return
-        found = f"a model with the units {extra[:3]} (not units of {trainer.config.model!r})"
-    elif found == asked:
-        return
-    raise ConfigError(
-        f"workdir {trainer.workdir!r} holds a checkpoint (step {step}) of {found}, but the config "
-        f"asks for {asked}: resume it with the config it was made with, or use another workdir"
-    )
-
-
 def _distributed_ready() -> bool:
     try:
         return jax.distributed.is_initialized()
@@ -274,7 +212,7 @@ def _open(
     )
     try:
         if ckpt is not None:
-            _check_resumable(trainer, ckpt)  # another model's checkpoint: refused, none written
+            check_resumable(trainer, ckpt)  # another model's checkpoint: refused, none written
         data = nr_data.RunData(config, trainer.info)  # a missing dataset: refused before compute
     except BaseException:
         if ckpt is not None:
@@ -287,7 +225,7 @@ def _open(
     )
     history, position, partial, data_state, best = [], 0, {}, None, {}
     if ckpt is not None and ckpt.latest_step() is not None:
-        state, history, position, partial, data_state, best = _resume(trainer, ckpt)
+        state, history, position, partial, data_state, best = restore_run(trainer, ckpt)
         state = trainer.place(state)
     writer = MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=int(state.step))
     run = _Run(config, workdir, trainer, data, writer, ckpt, callbacks, key, history, best=best)
@@ -327,7 +265,9 @@ def _epoch(
     run.writer.write(int(state.step), {f"epoch/{k}": v for k, v in record.items()})
     log.info("epoch %d: %s", epoch + 1, format_record(record))
     if run.ckpt is not None:
-        run.ckpt.save(int(state.step), state, _meta(trainer, state, run.history, best=run.best))
+        run.ckpt.save(
+            int(state.step), state, checkpoint_meta(trainer, state, run.history, best=run.best)
+        )
     return state, "rejuvenation" in event and run.config.nr.compress_only
 
 
@@ -400,7 +340,9 @@ def _train_epoch(
             window = []
         if checkpoint_now:
             check_finite(state)
-            meta = _meta(trainer, state, run.history, i + 1, sums, batches.get_state(), run.best)
+            meta = checkpoint_meta(
+                trainer, state, run.history, i + 1, sums, batches.get_state(), run.best
+            )
             run.ckpt.save(int(state.step), state, meta)
         step += 1
         if run.callbacks.on_train_step is not None:
@@ -443,32 +385,3 @@ def _progress(total: int, desc: str, enabled: bool, start: int = 0) -> Any:
     if start:
         bar.update(start)
     return bar
-
-
-def _resume(trainer: Trainer, ckpt: Checkpointer) -> tuple[TrainState, list, int, dict, Any, dict]:
-    """The newest good checkpoint: state, history, data position, partial sums, data state and
-    the best-validation entry."""
-
-    def abstract(meta: dict) -> Any:
-        widths = WidthSpec.from_json(meta["widths"])
-        if widths != trainer.model.widths:
-            trainer.set_widths(widths)
-        t = trainer
-        key = jax.random.key(0)
-        return jax.eval_shape(lambda: init_state(t.model, t.tx, t.config, t.info.image_shape, key))
-
-    try:
-        restored, meta, step = ckpt.restore(abstract)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot resume from {ckpt}: {e}") from e
-    position = int(meta.get("position", 0))
-    log.info(
-        "resumed from the checkpoint of step %d: epoch %d, batch %d, phase %s",
-        step,
-        meta["epoch"] + 1,
-        position,
-        phase_name(restored.controller),
-    )
-    partial, data_state = dict(meta.get("partial", {})), meta.get("data_state")
-    best = dict(meta.get("best") or {})
-    return restored, list(meta["history"]), position, partial, data_state, best

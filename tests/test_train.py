@@ -15,6 +15,7 @@ import nr_jax
 from nr_jax import controller, train
 from nr_jax.callbacks import Callbacks
 from nr_jax.config import ConfigError, base_config
+from nr_jax.run_state import restore_run
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -255,7 +256,7 @@ def test_two_step_flow_and_official_preset(tmp_path):
     from nr_jax.checkpoint import Checkpointer
 
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
-        state, *_ = train._resume(trainer, ckpt)
+        state, *_ = restore_run(trainer, ckpt)
     momentum = optax.tree_utils.tree_get(state.opt_state, "trace")
     assert jax.tree.leaves(momentum) and not any(np.any(x) for x in jax.tree.leaves(momentum))
     s2 = train.train_and_evaluate(step2, str(tmp_path))

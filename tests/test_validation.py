@@ -14,6 +14,7 @@ from nr_jax import train
 from nr_jax.checkpoint import Checkpointer
 from nr_jax.config import ConfigError, base_config, validate
 from nr_jax.data import run as data_run
+from nr_jax.run_state import restore_run
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 N = 6_000  # examples of the synthetic training split
@@ -53,7 +54,9 @@ def test_validation_split_on_paper():
     assert list(train_idx) == sorted(set(range(10)) - set(val.tolist()))
     empty, everything = data_run.validation_split(10, 0)
     assert len(empty) == 0 and list(everything) == list(range(10))
-    with pytest.raises(ValueError, match=r"val_size must be in \[0, 10\)"):
+    with pytest.raises(
+        ValueError, match=r"config\.val_size = 10 is not allowed: an integer in \[0, 10\)"
+    ):
         data_run.validation_split(10, 10)
 
 
@@ -80,7 +83,9 @@ def test_no_validation_split_keeps_the_first_n(synthetic_split):
     np.testing.assert_array_equal(ids_of(d.train[0]), np.arange(1_000))
     with pytest.raises(ValueError, match="no validation split"):
         d.val_batches()
-    with pytest.raises(ValueError, match="train_limit must be at most the 5500"):
+    with pytest.raises(
+        ValueError, match="config.train_limit = .* is not allowed: at most the 5500"
+    ):
         run_data(val_size=500, train_limit=5_501)
 
 
@@ -171,5 +176,5 @@ def test_run_with_validation_records_test_only_at_final_and_best(tmp_path):
     # the best entry is checkpointed: a resumed run keeps it
     trainer = train.Trainer(c, str(tmp_path))
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
-        *_, resumed_best = train._resume(trainer, ckpt)
+        *_, resumed_best = restore_run(trainer, ckpt)
     assert resumed_best == best

@@ -14,6 +14,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from nr_jax.config import refuse
 from nr_jax.data import cache, imagenet, pipeline, registry, source_pipeline
 
 VAL_SEED = 20190616  # fixed on purpose: one validation split for every seed and train_limit
@@ -31,12 +32,10 @@ def validation_split(num: int, val_size: int) -> tuple[np.ndarray, np.ndarray]:
         holds the first ``val_size`` entries of ``default_rng(VAL_SEED).permutation(num)``.
 
     Raises:
-        ValueError: ``val_size`` outside ``[0, num)`` (at least one training example remains).
+        ConfigError: ``val_size`` outside ``[0, num)`` (at least one training example remains).
     """
     if not 0 <= val_size < num:
-        raise ValueError(
-            f"val_size must be in [0, {num}) for {num} training examples; got {val_size}"
-        )
+        refuse("val_size", val_size, f"an integer in [0, {num}) for {num} training examples")
     val = np.sort(np.random.default_rng(VAL_SEED).permutation(num)[:val_size])
     keep = np.ones(num, bool)
     keep[val] = False
@@ -46,9 +45,10 @@ def validation_split(num: int, val_size: int) -> tuple[np.ndarray, np.ndarray]:
 def _limit(indices: np.ndarray, limit: int) -> np.ndarray:
     """The first ``limit`` of ``indices`` (all for 0); refuses more than there are."""
     if limit > len(indices):
-        raise ValueError(
-            f"train_limit must be at most the {len(indices)} training examples left after the "
-            f"validation split; got {limit}"
+        refuse(
+            "train_limit",
+            limit,
+            f"at most the {len(indices)} training examples left after the validation split",
         )
     return indices[:limit] if limit else indices
 
