@@ -15,8 +15,8 @@ Orbax does the work: a ``CheckpointManager`` step directory per step with a comp
 (``StandardSave``: optax NamedTuple states, ``MaskedNode``, empty nodes, ``flax.struct`` dataclasses
 and typed PRNG keys round-trip as they are) and ``meta`` (``JsonSave``); retention
 (``max_to_keep``); atomic, synchronous saves (into ``<step>.orbax-checkpoint-tmp``, renamed when
-complete, never listed before); removal of killed saves' temporary directories when a
-``Checkpointer`` opens the directory; restore against an abstract target (``StandardRestore``).
+complete, never listed before); removal of killed saves' temporary directories by a
+``Checkpointer``'s first save (never by one that only reads); restore against an abstract target (``StandardRestore``).
 Added here, because orbax lacks it: the JSON ``meta`` read first, for ``abstract_fn(meta)``;
 falling back from a corrupt newest checkpoint to the previous good one (with a warning); a caller
 error naming the leaf path and both shapes where the abstract tree does not describe the
@@ -180,8 +180,8 @@ class Checkpointer:
     """Saves and restores (state pytree, JSON meta) pairs, one per training step.
 
     Shapes may differ between steps: the caller rebuilds the abstract target from ``meta``. One
-    writer per directory: opening a ``Checkpointer`` removes unfinished saves' temporary
-    directories (also those of a save that failed midway).
+    writer per directory: its first save removes unfinished saves' temporary directories (also
+    those of a save that failed midway); a ``Checkpointer`` that only reads changes nothing.
 
     Args:
         directory: Root directory holding one sub-directory per step; created on the first save.
@@ -205,20 +205,29 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be an int >= 1, got {max_to_keep!r}")
         self._directory = os.path.abspath(os.fspath(directory))
         self._on_save = on_save or (lambda event, step, directory: None)
+        self._max_to_keep = max_to_keep
+        # Reads go through a manager that cleans nothing up (orbax's `read_only` would log three
+        # warnings); the manager that writes, and removes killed saves' temporary directories
+        # before its first save starts, is opened by the first save. A Checkpointer that only reads, or whose caller refuses to go
+        # on, leaves the directory as it found it and no orbax clean-up thread behind.
+        self._manager = self._open_manager(cleanup=False)
+        self._writing = False
+        orbax_logging.install_filters()  # until close()
+        self._closed = False
+
+    def _open_manager(self, *, cleanup: bool) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=self._max_to_keep,
             enable_async_checkpointing=False,
             create=False,  # nothing on disk before the first save
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=cleanup,
             # Multi-process (not supported yet): orbax removes temporary directories and old steps
             # on the primary host only. Several processes writing one shared directory would set
             # `multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0)` here
             # (`primary_host=None` where each host writes its own local storage).
         )
         items = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
-        self._manager = ocp.CheckpointManager(self._directory, options=options, item_handlers=items)
-        orbax_logging.install_filters()  # until close()
-        self._closed = False
+        return ocp.CheckpointManager(self._directory, options=options, item_handlers=items)
 
     @property
     def directory(self) -> str:
@@ -245,6 +254,10 @@ class Checkpointer:
         _check_json(meta)
         stored, custom = _to_stored(state)
         os.makedirs(self._directory, exist_ok=True)
+        if not self._writing:  # the first save: the reading manager gives way to the writer
+            self._manager.close()
+            self._manager = self._open_manager(cleanup=True)
+            self._writing = True
         if step in self.all_steps():
             logger.warning("Checkpoint step %d exists in %s; replacing it", step, self._directory)
             self._manager.delete(step)

@@ -304,9 +304,11 @@ def test_partial_save_is_ignored_then_cleaned_up(tmp_path: Path) -> None:
         assert ckpt.latest_step() == 2
         _, meta, step = ckpt.restore(_abstract_fn)
         assert (step, meta) == (2, {"width": 6, "seed": 2})
-    # Opening the directory removes them (orbax's clean-up, complete before the first save).
+    # Opening the directory to read leaves them; the first save removes them (orbax's clean-up).
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.all_steps() == [1, 2]
+        assert ckpt.read_meta() == {"width": 6, "seed": 2}
+        assert (tmp_path / f"3{TMP_SUFFIX}").is_dir() and (tmp_path / f"4{TMP_SUFFIX}").is_dir()
         ckpt.save(3, _make_state(4, seed=3), {"width": 4, "seed": 3})
         assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3"]
         assert ckpt.latest_step() == 3

@@ -157,7 +157,8 @@ def snapshot(directory: Path) -> dict[str, bytes | None]:
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory) -> dict[str, Path]:
-    """A run directory holding a checkpoint of tiny_run's model, and the other paths."""
+    """A run directory holding a checkpoint of tiny_run's model and a killed save's temporary
+    directory, and the other paths."""
     base = tmp_path_factory.mktemp("cli")
     run = base / "run"
     run.mkdir()
@@ -166,6 +167,8 @@ def places(tmp_path_factory) -> dict[str, Path]:
     with Checkpointer(run / "checkpoints") as ckpt:
         meta = {"model": TINY_MODEL, "widths": "{}", "epoch": 0, "step": 8, "history": []}
         ckpt.save(8, {"w": np.arange(3, dtype=np.float32)}, meta)
+    # a save killed midway: its temporary directory must survive every refusal
+    shutil.copytree(run / "checkpoints" / "8", run / "checkpoints" / "9.orbax-checkpoint-tmp")
     (base / "kwargs_config.py").write_text(KWARGS_CONFIG)
     (base / "data").mkdir()
     version = base / "tfrecord" / "cifar10" / "3.0.2"
