@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ FINGERPRINT_GLOBS = (
     "experiments/configs/**/*.py",
 )
 MARKER = "fingerprint.json"  # in every run directory: the code and config that started it
+SEARCH_CHECKPOINT = "search_checkpoint"  # in an NR run directory: its last checkpoint of the search
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "grain", "numpy")
 
 log = logging.getLogger("experiments.evaluate")
@@ -257,7 +259,42 @@ def build_result(
     return result
 
 
-TrainFn = Callable[[Any, str], dict[str, Any]]
+TrainFn = Callable[..., dict[str, Any]]  # train_and_evaluate(config, workdir, *, callbacks)
+
+
+def keep_search_checkpoint(workdir: Path) -> None:
+    """Copies the newest valid checkpoint of `workdir` to `workdir/search_checkpoint/<step>`.
+
+    Called by an NR run right after its rejuvenation, before the epoch's own checkpoint is saved:
+    the newest checkpoint on disk is then the last one of the search (the slimming control
+    branches from it). Reads with its own `Checkpointer`, which changes nothing on disk.
+    """
+    from nr_jax.checkpoint import Checkpointer
+
+    with Checkpointer(workdir / "checkpoints") as ckpt:
+        step = ckpt.latest_step()
+    dest = workdir / SEARCH_CHECKPOINT
+    if dest.exists():
+        shutil.rmtree(dest)
+    if step is None:  # a search of one epoch without mid-epoch checkpoints: nothing to keep
+        log.warning("%s: no checkpoint before the rejuvenation to branch from", workdir)
+        return
+    shutil.copytree(workdir / "checkpoints" / str(step), dest / str(step))
+
+
+def branch_from_search(workdir: Path, nr_workdir: Path) -> int | None:
+    """Starts `workdir` (fresh, marker written) from the NR run's search checkpoint: the step
+    directory and the metric records (the trainer drops those after the step on resuming).
+
+    Returns the step branched from, or None when the NR run kept none (then it starts afresh).
+    """
+    src = nr_workdir / SEARCH_CHECKPOINT
+    steps = sorted(int(p.name) for p in src.iterdir() if p.name.isdigit()) if src.is_dir() else []
+    if not steps:
+        return None
+    shutil.copytree(src / str(steps[-1]), workdir / "checkpoints" / str(steps[-1]))
+    shutil.copyfile(nr_workdir / "metrics.jsonl", workdir / "metrics.jsonl")
+    return steps[-1]
 
 
 def run_one(
@@ -276,7 +313,16 @@ def run_one(
     workdir = run.workdir(runs_root)
     resumed = prepare_workdir(workdir, fingerprint, config_json)
     log.info("%s %s in %s", "resuming" if resumed else "starting", run.name, workdir)
-    summary = train_fn(config, str(workdir))
+    if run.arm == "slimming" and not resumed:
+        nr_workdir = Run(run.table, run.arch, "nr", run.seed).workdir(runs_root)
+        step = branch_from_search(workdir, nr_workdir)
+        log.info("%s: branched from %s at step %s", run.name, nr_workdir, step)
+    kwargs = {}
+    if run.arm == "nr":
+        from nr_jax.callbacks import Callbacks
+
+        kwargs["callbacks"] = Callbacks(after_rejuvenation=lambda: keep_search_checkpoint(workdir))
+    summary = train_fn(config, str(workdir), **kwargs)
     result = build_result(run, config_json, summary, workdir, fingerprint)
     write_json(path, result)
     return "finished", result
@@ -366,10 +412,25 @@ class TableLock:
 
 
 def _git_commit_result(path: Path, run: Run) -> None:
-    rel = path.relative_to(ROOT).as_posix()
-    subprocess.run(["git", "add", rel], cwd=ROOT, check=True)
+    """Commits the result file in the repository that holds it (also when the driver runs from
+    a pinned worktree with `--results_dir` in the main checkout). A failure (another commit
+    holding the index lock) is retried, then only logged: the file is written, and a later
+    commit picks it up."""
     message = f"experiments/results/{run.table}: {run.name} finished"
-    subprocess.run(["git", "commit", "-q", "-m", message, "--", rel], cwd=ROOT, check=True)
+    for attempt in range(5):
+        add = subprocess.run(["git", "add", path.name], cwd=path.parent, capture_output=True)
+        done = add.returncode == 0 and (
+            subprocess.run(
+                ["git", "commit", "-q", "-m", message, "--", path.name],
+                cwd=path.parent,
+                capture_output=True,
+            ).returncode
+            == 0
+        )
+        if done:
+            return
+        time.sleep(2.0 * (attempt + 1))
+    log.warning("could not commit %s (commit it by hand)", path)
 
 
 def step_time(arch: str, width: float, nr: bool, steps: int = 30, warmup: int = 5) -> dict:

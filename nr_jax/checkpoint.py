@@ -16,7 +16,8 @@ Orbax does the work: a ``CheckpointManager`` step directory per step with a comp
 and typed PRNG keys round-trip as they are) and ``meta`` (``JsonSave``); retention
 (``max_to_keep``); atomic, synchronous saves (into ``<step>.orbax-checkpoint-tmp``, renamed when
 complete, never listed before); removal of killed saves' temporary directories by a
-``Checkpointer``'s first save (never by one that only reads); restore against an abstract target (``StandardRestore``).
+``Checkpointer``'s first save (never by one that only reads); restore against an abstract
+target (``StandardRestore``).
 Added here, because orbax lacks it: the JSON ``meta`` read first, for ``abstract_fn(meta)``;
 falling back from a corrupt newest checkpoint to the previous good one (with a warning); a caller
 error naming the leaf path and both shapes where the abstract tree does not describe the
@@ -208,8 +209,9 @@ class Checkpointer:
         self._max_to_keep = max_to_keep
         # Reads go through a manager that cleans nothing up (orbax's `read_only` would log three
         # warnings); the manager that writes, and removes killed saves' temporary directories
-        # before its first save starts, is opened by the first save. A Checkpointer that only reads, or whose caller refuses to go
-        # on, leaves the directory as it found it and no orbax clean-up thread behind.
+        # before its first save starts, is opened by the first save. A Checkpointer that only
+        # reads, or whose caller refuses to go on, leaves the directory as it found it and no
+        # orbax clean-up thread behind.
         self._manager = self._open_manager(cleanup=False)
         self._writing = False
         orbax_logging.install_filters()  # until close()

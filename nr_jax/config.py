@@ -54,6 +54,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.lam_step = 5e-5
     c.nr.lam_threshold = 0.01
     c.nr.lam_after = 0.0  # λ after rejuvenation (official: 0)
+    # when λ changes during the search: "epoch" (the official rules: fixed, or `adaptive`, once
+    # per epoch); "steps" (beyond the paper, nr_jax.controller.steer_lambda): every
+    # `lam_control_every` steps λ *= exp(lam_control_gain * (U - U_goal) / (1 - target)), U_goal
+    # falling linearly from 1 to the target over `lam_control_epochs` epochs, λ kept within
+    # [lam / lam_control_range, lam * lam_control_range] (the upper bound guards against collapse)
+    c.nr.lam_control = "epoch"
+    c.nr.lam_control_every = 50
+    c.nr.lam_control_epochs = 6
+    c.nr.lam_control_gain = 1.0
+    c.nr.lam_control_range = 4.0
+    # at the decision: True = rejuvenate (NR); False = the Network Slimming control
+    # (nr_jax.slimming.prune: dead channels dropped, nothing widened or added, one classifier)
+    c.nr.regrow = True
+    # during the search, also evaluate the validation split with BN statistics recomputed over
+    # this many training batches (metric val_bn_accuracy_sum; the eval-lag check; 0 = off)
+    c.nr.recompute_bn_batches = 0
     c.nr.scheme = "removed"  # old/new neurons: "removed" (cross connections), "attention(4)"
     c.nr.resource = "params"  # budget measure: "params" or "flops"
     c.nr.threshold = 1e-2  # channel live iff |γ| >= threshold * max |γ| of its unit
@@ -205,3 +221,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
         refuse("nr.rescale_target", nr.rescale_target, "a number >= 0 (0 = no rescaling)")
     if not nr.new_gamma > 0:
         refuse("nr.new_gamma", nr.new_gamma, "a number > 0")
+    if nr.lam_control not in ("epoch", "steps"):
+        refuse("nr.lam_control", nr.lam_control, "'epoch' (the official rules) or 'steps'")
+    if nr.lam_control == "steps":
+        if nr.adaptive:
+            refuse("nr.adaptive", nr.adaptive, "False with nr.lam_control = 'steps' (one rule)")
+        for field in ("lam_control_every", "lam_control_epochs"):
+            if not isinstance(nr[field], int) or isinstance(nr[field], bool) or nr[field] < 1:
+                refuse(f"nr.{field}", nr[field], "an integer >= 1")
+        if not nr.lam_control_gain > 0:
+            refuse("nr.lam_control_gain", nr.lam_control_gain, "a number > 0")
+        if not nr.lam_control_range >= 1:
+            refuse("nr.lam_control_range", nr.lam_control_range, "a number >= 1")
+        if not nr.lam > 0:
+            refuse("nr.lam", nr.lam, "a number > 0 with nr.lam_control = 'steps'")
+    if not isinstance(nr.regrow, bool):
+        refuse("nr.regrow", nr.regrow, "True (rejuvenate) or False (the slimming control)")
+    if not nr.regrow and nr.rescale_target > 0:
+        refuse("nr.rescale_target", nr.rescale_target, "0 with nr.regrow = False (no new channels)")
+    b = nr.recompute_bn_batches
+    if not isinstance(b, int) or isinstance(b, bool) or b < 0:
+        refuse("nr.recompute_bn_batches", b, "an integer >= 0 (0 = off)")

@@ -3,7 +3,9 @@
 The official code checks the utilisation once per epoch during the search (method.md 1.3): while
 U is above the target T_r the search goes on (λ optionally adapted by `adapt_lambda`, the official
 ImageNet rule); once U <= T_r the network is rejuvenated, exactly once, and λ becomes
-`nr.lam_after`. A search that reaches `nr.max_search_epochs` above the target either rejuvenates at
+`nr.lam_after`. Beyond the paper, `steer_lambda` adjusts λ within the epoch (`nr.lam_control =
+"steps"`, inside the jitted train step) so that the target is reached in a chosen number of
+search epochs. A search that reaches `nr.max_search_epochs` above the target either rejuvenates at
 the utilisation reached or stops (`nr.on_search_timeout`); at U = 1 there is nothing to reallocate,
 so it always stops. Search epochs do not consume the LR schedule (the official epoch extension):
 the schedule runs on `epoch - search_epochs`.
@@ -146,3 +148,43 @@ def total_epochs(state: ControllerState, epochs: int) -> int:
     """Epochs of the run as known now: the search epochs so far, the `epochs` of the schedule,
     and one more while the search goes on (host side)."""
     return epochs + int(state.search_epochs) + (1 if int(state.phase) == SEARCH else 0)
+
+
+def steer_lambda(
+    lam: jax.Array,
+    utilization: jax.Array,
+    search_step: jax.Array,
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+) -> jax.Array:
+    """The within-epoch λ controller (beyond the paper; `nr.lam_control = "steps"`; pure, jit-able).
+
+    The utilisation is steered along a straight line from 1 (step 0) to the target `nr.target`
+    (after `nr.lam_control_epochs` epochs of `steps_per_epoch` steps), flat at the target after
+    that: at every `nr.lam_control_every`-th search step, λ is multiplied by
+    `exp(nr.lam_control_gain * (U - U_goal) / (1 - nr.target))` (raised while the search lags
+    the line, lowered while it runs ahead of it) and clipped to
+    `[nr.lam / nr.lam_control_range, nr.lam * nr.lam_control_range]`: the upper bound caps the
+    L1 step per step (lr * λ / (1 - momentum)), so a slow search cannot push λ into the regime
+    where the survivors collapse. Between those steps λ is returned unchanged. The epoch-end
+    decision (`decide`) is unchanged: it rejuvenates once U <= the target.
+
+    Args:
+      lam: the current λ (a scalar).
+      utilization: U after this step (a scalar).
+      search_step: optimiser steps taken in the search, this one included (a scalar int).
+      config: the run configuration (static).
+      steps_per_epoch: training steps per epoch (static).
+    """
+    nr = config.nr
+    if steps_per_epoch < 1:
+        raise ValueError(f"steer_lambda needs steps_per_epoch >= 1, got {steps_per_epoch}")
+    step = jnp.asarray(search_step, jnp.float32)
+    progress = jnp.minimum(step / float(nr.lam_control_epochs * steps_per_epoch), 1.0)
+    goal = 1.0 - (1.0 - nr.target) * progress
+    error = (jnp.asarray(utilization, jnp.float32) - goal) / (1.0 - nr.target)
+    steered = jnp.asarray(lam, jnp.float32) * jnp.exp(nr.lam_control_gain * error)
+    bounds = (nr.lam / nr.lam_control_range, nr.lam * nr.lam_control_range)
+    steered = jnp.clip(steered, *bounds).astype(jnp.float32)
+    act = jnp.asarray(search_step, jnp.int32) % nr.lam_control_every == 0
+    return jnp.where(act, steered, jnp.asarray(lam, jnp.float32))

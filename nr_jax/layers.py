@@ -48,6 +48,7 @@ from nr_jax.ops import CONV_WEIGHT_GRADS, batch_chunking, set_conv_weight_grad  
 
 Array = jax.Array
 MASKS = "nr_masks"
+BN_MOMENTUM = 0.9  # of every unit's BatchNorm running statistics (PyTorch momentum 0.1)
 SCHEMES = ("removed", "attention", "attention4", "dense")
 # Narrowest channel block that the removed scheme runs as its own convolution (`NRConv._removed`).
 SPLIT_MIN_GROUP = 2
@@ -150,7 +151,7 @@ class NRConv(nn.Module):
         y = self._forward(x.astype(dtype), kernel.astype(dtype))
         y = nn.BatchNorm(
             use_running_average=not train,
-            momentum=0.9,  # PyTorch momentum 0.1
+            momentum=BN_MOMENTUM,
             epsilon=1e-5,
             dtype=self.dtype,
             scale_init=nn.initializers.constant(self.gamma_init),

@@ -25,6 +25,7 @@ from nr_jax.controller import REJUVENATE, SEARCH, decide
 from nr_jax.graph import ChannelGraph
 from nr_jax.layers import MASKS
 from nr_jax.live import liveness, utilization
+from nr_jax.slimming import prune
 from nr_jax.sparsity import get_lambda, set_lambda
 from nr_jax.steps import TrainState
 from nr_jax.surgery import Rejuvenation, rejuvenate
@@ -108,22 +109,20 @@ def rejuvenate_state(
     config: ml_collections.ConfigDict,
     key: jax.Array,
 ) -> tuple[TrainState, Rejuvenation]:
-    """`nr_jax.rejuvenate` with the run's rules, applied to the state (λ kept as it is)."""
+    """`nr_jax.rejuvenate` with the run's rules, applied to the state (λ kept as it is); with
+    `nr.regrow = False` the slimming control instead (`nr_jax.slimming.prune`)."""
     nr = config.nr
-    res = rejuvenate(
-        key,
-        model,
-        state.variables,
-        state.opt_state,
-        tx,
-        graph,
+    rules = dict(
         resource=nr.resource,
-        allocation=allocation_rule(config),
         min_width=nr.min_width,
-        new_gamma=nr.new_gamma,
         threshold=nr.threshold,
         dead_threshold=nr.dead_threshold,
     )
+    args = (key, model, state.variables, state.opt_state, tx, graph)
+    if nr.regrow:
+        res = rejuvenate(*args, allocation=allocation_rule(config), new_gamma=nr.new_gamma, **rules)
+    else:
+        res = prune(*args, **rules)
     v = res.variables
     # official preset: a fresh optimiser (all momentum lost); improved: survivors' moments kept
     opt_state = tx.init(v["params"]) if config.preset == "official" else res.opt_state

@@ -21,12 +21,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from nr_jax.controller import ControllerState, init_controller
+from nr_jax.controller import SEARCH, ControllerState, init_controller, steer_lambda
 from nr_jax.graph import ChannelGraph
 from nr_jax.heads import head_logits, nr_loss
-from nr_jax.layers import MASKS
+from nr_jax.layers import BN_MOMENTUM, MASKS
 from nr_jax.live import liveness, utilization
-from nr_jax.sparsity import get_lambda, l1_bn_scales
+from nr_jax.sparsity import get_lambda, l1_bn_scales, set_lambda
 
 Mesh = jax.sharding.Mesh
 NamedSharding = jax.sharding.NamedSharding
@@ -129,7 +129,11 @@ def init_state(
 
 
 class Steps:
-    """The jitted train and eval steps of one width configuration, with trace counters."""
+    """The jitted train and eval steps of one width configuration, with trace counters.
+
+    `steps_per_epoch` is needed by the within-epoch λ controller only (`nr.lam_control =
+    "steps"`: `nr_jax.controller.steer_lambda`, applied inside the train step during the search).
+    """
 
     def __init__(
         self,
@@ -139,9 +143,10 @@ class Steps:
         config: ml_collections.ConfigDict,
         counter: dict[str, int],
         mesh: Mesh | None = None,
+        steps_per_epoch: int = 0,
     ) -> None:
         self.model, self.tx, self.graph, self.config = model, tx, graph, config
-        self.counter = counter
+        self.counter, self.steps_per_epoch = counter, steps_per_epoch
         self.data_sharding = None if mesh is None else NamedSharding(mesh, P("data"))
         if mesh is None:
             self.train = jax.jit(self._train, donate_argnums=0)
@@ -152,6 +157,7 @@ class Steps:
                 self._train, donate_argnums=0, in_shardings=(rep, data), out_shardings=(rep, rep)
             )
             self.eval = jax.jit(self._eval, in_shardings=(rep, data), out_shardings=rep)
+        self.batch_statistics = jax.jit(self._batch_statistics)
 
     def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """This process's rows of the global batch -> one array sharded over the mesh.
@@ -190,11 +196,28 @@ class Steps:
         metrics = {"loss": loss, "lr": get_learning_rate(state.opt_state)}
         for name, logits in head_logits(out).items():
             metrics[f"accuracy_{name}"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        if self.config.nr.enabled:
-            metrics["lambda"] = get_lambda(opt_state)
-            live = liveness(new.variables, self.graph)
-            metrics["utilization"] = utilization(live, self.graph, self.config.nr.resource).ratio
+        nr = self.config.nr
+        if nr.enabled:
+            live = liveness(
+                new.variables, self.graph, threshold=nr.threshold, dead_threshold=nr.dead_threshold
+            )
+            util = utilization(live, self.graph, nr.resource).ratio
+            lam = get_lambda(opt_state)
+            if nr.lam_control == "steps":  # the search's steps are the run's first
+                steered = steer_lambda(lam, util, new.step, self.config, self.steps_per_epoch)
+                lam = jnp.where(state.controller.phase == SEARCH, steered, lam)
+                new = new.replace(opt_state=set_lambda(opt_state, lam))
+            metrics["lambda"], metrics["utilization"] = lam, util
         return new, metrics
+
+    def _batch_statistics(self, state: TrainState, batch: dict[str, jax.Array]) -> Any:
+        """The BN statistics of one training batch (train-mode forward pass, nothing updated)."""
+        self.counter["batch_statistics"] = self.counter.get("batch_statistics", 0) + 1
+        zero = jax.tree.map(jnp.zeros_like, state.batch_stats)
+        variables = {"params": state.params, "batch_stats": zero, MASKS: state.masks}
+        _, upd = self.model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+        # from zero running statistics one update leaves (1 - momentum) x the batch's
+        return jax.tree.map(lambda s: s / (1.0 - BN_MOMENTUM), upd["batch_stats"])
 
     def _eval(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         self.counter["eval"] = self.counter.get("eval", 0) + 1
@@ -275,6 +298,20 @@ def evaluate_epoch(
     if final:
         record.update(test or evaluate(steps, state, data.test_batches(), on_batch))
     return record, best
+
+
+def recompute_batch_stats(steps: Steps, state: TrainState, batches: Iterator[dict]) -> TrainState:
+    """`state` with BN running statistics replaced by the mean over `batches` of each training
+    batch's statistics (precise BN); parameters untouched. For the eval-lag check of the search
+    (`nr.recompute_bn_batches`): the running averages lag γ while the L1 pressure shrinks it."""
+    total, n = None, 0
+    for batch in batches:
+        stats = steps.batch_statistics(state, steps.global_batch(batch))
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        n += 1
+    if total is None:
+        raise ValueError("recompute_batch_stats: no batches")
+    return state.replace(batch_stats=jax.tree.map(lambda s: s / n, total))
 
 
 @jax.jit

@@ -13,6 +13,7 @@ once per width configuration.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from nr_jax.steps import (
     init_state,
     learning_rate,
     make_optimizer,
+    recompute_batch_stats,
     set_learning_rate,
 )
 
@@ -98,10 +100,24 @@ class Trainer:
         allocation_rule(config)  # refuses an unknown nr.allocation now, before any compute
         self.graph = channel_graph(self.model, self.input_shape)
         self.tx = make_optimizer(config, self.graph)  # built once, reused after rejuvenation
+        self.steps_per_epoch = 0  # known once the data is: `use_data`
         self.steps = self._steps()
 
     def _steps(self) -> Steps:
-        return Steps(self.model, self.tx, self.graph, self.config, self.counter, self.mesh)
+        return Steps(
+            self.model,
+            self.tx,
+            self.graph,
+            self.config,
+            self.counter,
+            self.mesh,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+
+    def use_data(self, steps_per_epoch: int) -> None:
+        """Sets the run's steps per epoch (the within-epoch λ controller's clock)."""
+        self.steps_per_epoch = steps_per_epoch
+        self.steps = self._steps()
 
     def place(self, state: TrainState) -> TrainState:
         """Puts the state where the steps expect it (replicated over the mesh, if any)."""
@@ -218,6 +234,7 @@ def _open(
         if ckpt is not None:
             ckpt.close()
         raise
+    trainer.use_data(data.steps_per_epoch)
     os.makedirs(workdir, exist_ok=True)
     key = jax.random.key(config.seed)
     state = trainer.place(
@@ -250,6 +267,12 @@ def _epoch(
     eval_metrics, run.best = evaluate_epoch(
         trainer.steps, state, run.data, epoch + 1, final, run.best, run.callbacks.on_eval_batch
     )
+    n_bn = run.config.nr.recompute_bn_batches
+    if n_bn and run.data.num_val and int(state.controller.phase) == SEARCH:
+        batches = itertools.islice(run.data.train_iterator(epoch), n_bn)
+        precise = recompute_batch_stats(trainer.steps, state, batches)
+        bn_metrics = evaluate(trainer.steps, precise, run.data.val_batches(), prefix="val_bn")
+        eval_metrics.update(bn_metrics)
     state = state.replace(epoch=state.epoch + 1)
     check_finite(state)
     state, event = trainer.epoch_end(state, jax.random.fold_in(run.key, 1_000_003 + epoch))

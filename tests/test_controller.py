@@ -156,3 +156,37 @@ def test_decide_inside_a_jitted_step_with_traced_utilisation():
         kinds.append(int(action.kind))
     assert kinds == [CONTINUE, CONTINUE, REJUVENATE]
     assert int(s.phase) == REJUVENATED and int(s.search_epochs) == 3
+
+
+# ---------------------------------------------------------------- the within-epoch λ controller
+
+
+def steering(**nr):
+    return config(lam_control="steps", lam_control_every=10, lam_control_epochs=2, **nr)
+
+
+def test_steer_lambda_follows_the_line_from_one_to_the_target():
+    c, spe = steering(), 100  # the line: U_goal = 1 - 0.5 * step / 200
+    steer = functools.partial(controller.steer_lambda, config=c, steps_per_epoch=spe)
+    lam = jnp.float32(1e-3)
+    # on the line: unchanged; behind it: raised by exp(gain * lag / (1 - T)); ahead: lowered
+    np.testing.assert_allclose(steer(lam, jnp.float32(0.75), 100), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(steer(lam, jnp.float32(0.85), 100), 1e-3 * np.exp(0.2), rtol=1e-5)
+    np.testing.assert_allclose(steer(lam, jnp.float32(0.65), 100), 1e-3 * np.exp(-0.2), rtol=1e-5)
+    # past the chosen epochs the goal stays at the target
+    np.testing.assert_allclose(steer(lam, jnp.float32(0.55), 1000), 1e-3 * np.exp(0.1), rtol=1e-5)
+    # only every lam_control_every-th step acts
+    assert float(steer(lam, jnp.float32(0.95), 105)) == np.float32(1e-3)
+
+
+def test_steer_lambda_stays_within_its_range_and_jits():
+    c = steering(lam_control_range=2.0, lam_control_gain=50.0)
+    steer = jax.jit(functools.partial(controller.steer_lambda, config=c, steps_per_epoch=100))
+    high = steer(jnp.float32(1e-3), jnp.float32(1.0), jnp.int32(190))
+    low = steer(jnp.float32(1e-3), jnp.float32(0.0), jnp.int32(190))
+    np.testing.assert_allclose([high, low], [2e-3, 5e-4], rtol=1e-6)
+
+
+def test_steer_lambda_needs_the_epoch_length():
+    with np.testing.assert_raises(ValueError):
+        controller.steer_lambda(1e-3, 0.5, 10, steering(), steps_per_epoch=0)

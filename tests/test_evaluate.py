@@ -66,7 +66,7 @@ def fake_train(calls: list, crash_first: bool = False):
 
     With `crash_first`, its first call dies after leaving a checkpoint directory behind."""
 
-    def train_fn(config, workdir):
+    def train_fn(config, workdir, callbacks=None):
         calls.append(workdir)
         (Path(workdir) / "checkpoints").mkdir(exist_ok=True)
         if crash_first and len(calls) == 1:
@@ -113,8 +113,8 @@ def test_driver_resumes_skips_and_refuses(tmp_path, fingerprint):
     table = evaluate.Table(
         "t", tmp_path / "results", tmp_path / "runs", train_fn=fake_train(calls, True)
     )
-    runs = evaluate.plan("t", ["vgg"], ["baseline_Ek", "nr", "slimming"], [0])
-    assert [r.arm for r in runs] == ["nr", "baseline_Ek"]  # NR first; slimming not done
+    runs = evaluate.plan("t", ["vgg"], ["baseline_Ek", "nr"], [0])
+    assert [r.arm for r in runs] == ["nr", "baseline_Ek"]  # NR first
     nr_dir, base_dir = (r.workdir(table.runs_root) for r in runs)
     with pytest.raises(RuntimeError, match="killed"):  # interrupted
         list(evaluate.run_table(table, runs))
@@ -210,8 +210,8 @@ def test_every_arm_validates_and_extends_as_specified():
     assert epochs["baseline_Ek"] == (e + 4, (m1 + 4, m2 + 4), False)
     assert epochs["baseline_compute"] == (21, (m1 + 6, m2 + 6), False)  # ceil(20.5) epochs
     assert eval_table.get_config("nr_official").preset == "official"
-    with pytest.raises(NotImplementedError, match="prune-without-widening"):
-        eval_table.get_config("slimming", nr_result=NR_RESULT)
+    assert eval_table.get_config("slimming", nr_result=NR_RESULT).nr.regrow is False
+    assert epochs["slimming"] == (e, (m1, m2), True)
     with pytest.raises(ValueError, match="needs the finished nr result"):
         eval_table.get_config("baseline_Ek")
 

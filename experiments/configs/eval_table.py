@@ -21,8 +21,11 @@ the same arch and seed, for the arms that depend on it):
   * `baseline_Ek`: epoch-matched: E + k epochs, milestones shifted by k (k from `nr_result`).
   * `baseline_compute`: equal training compute: the first whole epoch count whose conv MACs
     (forward + backward) reach the NR run's (`nr_result["cost"]["train_macs"]`).
-  * `slimming`: NOT DONE: needs prune-without-widening (a single-head network at the survivors'
-    widths, λ 0, schedule restarted) in nr_jax; `get_config` refuses it.
+  * `slimming`: the Network Slimming control (`nr.regrow = False`): the same search, then the
+    dead channels dropped without widening (a plain single-head network at the survivors'
+    widths, `nr_jax.slimming.prune`), λ 0, the schedule restarted, E epochs. The driver branches
+    it from the NR run's last checkpoint before its rejuvenation (`search_checkpoint/`), so the
+    search is not trained twice (the replay from there is bit-identical).
   * `sweep:<name>`: the base NR setting with one factor changed (`SWEEP`), VGG only, one seed,
     validation only (the driver strips test figures from sweep result files).
 """
@@ -43,9 +46,7 @@ MILESTONES = (8, 12)  # LR x0.1 at these epochs after the search
 TRAIN_IMAGES, VAL_IMAGES = 25_000, 5_000
 ARMS = ("nr", "nr_official", "baseline_E", "baseline_Ek", "baseline_compute", "slimming")
 DEPENDS_ON_NR = ("baseline_Ek", "baseline_compute", "slimming")
-NOT_DONE = {
-    "slimming": "the Network Slimming control needs prune-without-widening in nr_jax (not built)"
-}
+NOT_DONE: dict[str, str] = {}  # arms not built yet (left out of a plan with a warning)
 # one factor at a time from the base setting (the base itself is `sweep:base`)
 SWEEP: dict[str, dict[str, Any]] = {
     "base": {},
@@ -55,7 +56,8 @@ SWEEP: dict[str, dict[str, Any]] = {
     "width1.0": {"model_kwargs.width_multiplier": 1.0},
     "width2.0": {"model_kwargs.width_multiplier": 2.0},
     "attention": {"nr.scheme": "attention"},
-    # "controller": the within-epoch λ controller (issue 14 item 3) is not built yet
+    # the within-epoch λ controller (beyond the paper): the target in 5 search epochs
+    "controller": {"nr.lam_control": "steps", "nr.lam_control_epochs": 5},
 }
 
 
@@ -73,6 +75,7 @@ def base(arch: str = "vgg", seed: int = 0) -> ml_collections.ConfigDict:
     c.nr.lam = 1e-3  # L1 step lr*λ/(1-momentum) = 1e-3 per step (official CIFAR: 1.5e-4)
     c.nr.max_search_epochs = 15
     c.nr.allocation = "auto"  # improved: round8
+    c.nr.recompute_bn_batches = 20  # the eval-lag check during the search (a metric only)
     c.log_every_steps = 50
     c.checkpoint, c.checkpoint_every_steps, c.keep_checkpoints = True, 200, 2
     c.progress, c.tensorboard, c.plots = False, False, False
@@ -130,6 +133,9 @@ def get_config(
         return _baseline(c, int(nr_result["search_epochs"]))
     if arm == "baseline_compute":
         return _baseline(c, compute_matched_k(nr_result))
+    if arm == "slimming":
+        c.nr.regrow = False
+        return c
     raise ValueError(f"arm must be one of {ARMS} or 'sweep:<name>', got {arm!r}")
 
 
