@@ -47,17 +47,26 @@ TRAIN_IMAGES, VAL_IMAGES = 25_000, 5_000
 ARMS = ("nr", "nr_official", "baseline_E", "baseline_Ek", "baseline_compute", "slimming")
 DEPENDS_ON_NR = ("baseline_Ek", "baseline_compute", "slimming")
 NOT_DONE: dict[str, str] = {}  # arms not built yet (left out of a plan with a warning)
-# one factor at a time from the base setting (the base itself is `sweep:base`)
+# one factor at a time from the base setting (the base itself is `sweep:base`), in the order
+# they run; the two baselines (no NR, E + 8 epochs: 8 = the budget sheet's estimate of k) are the
+# collapse and convergence references at each width
+SWEEP_K = 8
+SWEEP_BASELINE = {
+    "nr.enabled": False,
+    "epochs": E + SWEEP_K,
+    "lr_milestones": tuple(m + SWEEP_K for m in MILESTONES),
+}
 SWEEP: dict[str, dict[str, Any]] = {
     "base": {},
+    "baseline": SWEEP_BASELINE,
     "lam5e-4": {"nr.lam": 5e-4},
     "lam2e-3": {"nr.lam": 2e-3},
-    "target0.35": {"nr.target": 0.35},
-    "width1.0": {"model_kwargs.width_multiplier": 1.0},
-    "width2.0": {"model_kwargs.width_multiplier": 2.0},
-    "attention": {"nr.scheme": "attention"},
     # the within-epoch λ controller (beyond the paper): the target in 5 search epochs
     "controller": {"nr.lam_control": "steps", "nr.lam_control_epochs": 5},
+    "target0.35": {"nr.target": 0.35},
+    "attention": {"nr.scheme": "attention"},
+    "width1.0": {"model_kwargs.width_multiplier": 1.0},
+    "baseline_width1.0": {**SWEEP_BASELINE, "model_kwargs.width_multiplier": 1.0},
 }
 
 
