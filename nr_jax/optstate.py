@@ -22,7 +22,8 @@ __all__ = ["Axis", "aligned_zeros", "carry", "remap_opt_state"]
 
 
 class Axis(NamedTuple):
-    """One planned axis: its new size and the old indices kept (ascending), placed first."""
+    """One planned axis: its new size and the old indices kept, in their new order, placed first
+    (ascending for surviving channels; a permutation where a concatenation is re-laid out)."""
 
     size: int
     src: np.ndarray
@@ -68,7 +69,8 @@ def carry(old: np.ndarray, axes: Axes, fill: float = 0.0) -> np.ndarray:
         if a is None:
             dst.append(slice(None))
             continue
-        if len(a.src) < old.shape[i]:  # all kept (ascending indices): nothing to gather
+        full = len(a.src) == old.shape[i]
+        if not full or np.any(np.diff(a.src) < 0):  # all kept in order: nothing to gather
             block = block.take(a.src, axis=i)
         dst.append(slice(0, len(a.src)))
     out[tuple(dst)] = block

@@ -20,7 +20,6 @@ import jax
 import optax
 
 from nr_jax.graph import ChannelGraph, channel_graph
-from nr_jax.layers import UnitWidth, WidthSpec
 from nr_jax.live import Liveness, count
 from nr_jax.report import Rejuvenation
 from nr_jax.surgery import rejuvenate
@@ -72,10 +71,7 @@ def prune(
         threshold=threshold,
         dead_threshold=dead_threshold,
     )
-    plain = WidthSpec.from_dict(
-        {name: UnitWidth(w.features) for name, w in res.model.widths.as_dict().items()}
-    )
-    new_model = res.model.clone(widths=plain)
+    new_model = res.model.clone(widths=res.model.widths.plain())
     new_graph = channel_graph(new_model, graph.input_shape)
     report = dataclasses.replace(
         res.report, widths_after=new_graph.widths, counts_after=count(new_graph)
