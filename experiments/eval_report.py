@@ -1,0 +1,338 @@
+"""Tables and plots of the evaluation (issue 14, item 8) from the committed result files.
+
+    python -m experiments.eval_report --table sweep     # the sweep: validation only
+    python -m experiments.eval_report --table eval      # the test table, with paired differences
+
+Reads `experiments/results/<table>/*.json` (written by `experiments.evaluate`) and writes beside
+them `README.md` (the tables) and PNG plots: validation error against epochs and against training
+compute (conv MACs, forward + backward) for every run, and, where the run directories are still
+on disk (`--runs_dir`), λ and the utilisation against steps. Nothing is chosen here: the sweep
+table shows validation figures only, and the test table reports what the runs produced.
+
+Figures per run: k (search epochs), U at rejuvenation, the best validation accuracy and its
+epoch, the final validation accuracy and loss; during the search, the collapse check (the largest
+shortfall of NR's eval-mode validation accuracy below the baseline's at the same epoch; collapse
+when above 5 points) and the eval lag (validation accuracy with recomputed BN statistics minus
+without, `val_bn_accuracy_sum - val_accuracy_sum`). The test table: per architecture and arm the
+mean ± std over seeds of the test accuracy at the final and at the best-validation epoch, and the
+paired per-seed difference NR − control with its mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+from experiments import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLAPSE_POINTS = 5.0  # issue 14: eval-mode validation accuracy > 5 points below the baseline's
+
+flags.DEFINE_string("table", "sweep", "Table name: experiments/results/<table>/.")
+flags.DEFINE_string("results_dir", str(ROOT / "experiments" / "results"), "Results root.")
+flags.DEFINE_string("runs_dir", str(ROOT / "runs"), "Run directories (for per-step series).")
+flags.adopt_module_key_flags(cli)
+FLAGS = flags.FLAGS
+
+
+def load_results(table_dir: Path) -> list[dict[str, Any]]:
+    """Every result file of a table, sorted by run name."""
+    if not table_dir.is_dir():
+        raise app.UsageError(f"{table_dir}: no such table (run experiments.evaluate first)")
+    results = [json.loads(p.read_text()) for p in sorted(table_dir.glob("*.json"))]
+    if not results:
+        raise app.UsageError(f"{table_dir}: no result files yet")
+    return results
+
+
+def search_epochs(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The epoch records of the search (phase "search", and the epoch that ended it)."""
+    k = int(result.get("search_epochs") or 0)
+    return result["epochs"][:k]
+
+
+def collapse(nr: dict[str, Any], baseline: dict[str, Any] | None) -> float | None:
+    """Largest shortfall (points) of NR's validation accuracy below the baseline's at the same
+    epoch during the search; None without a baseline or a search."""
+    if baseline is None:
+        return None
+    base = {e["epoch"]: e.get("val_accuracy_sum") for e in baseline["epochs"]}
+    gaps = [
+        100 * (base[e["epoch"]] - e["val_accuracy_sum"])
+        for e in search_epochs(nr)
+        if base.get(e["epoch"]) is not None and e.get("val_accuracy_sum") is not None
+    ]
+    return max(gaps) if gaps else None
+
+
+def eval_lag(result: dict[str, Any]) -> float | None:
+    """Mean (points) of val_bn_accuracy_sum − val_accuracy_sum over the search epochs."""
+    lags = [
+        100 * (e["val_bn_accuracy_sum"] - e["val_accuracy_sum"])
+        for e in search_epochs(result)
+        if "val_bn_accuracy_sum" in e and "val_accuracy_sum" in e
+    ]
+    return statistics.fmean(lags) if lags else None
+
+
+def run_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """One run's figures (validation only)."""
+    best = result.get("best_validation") or {}
+    last = result["epochs"][-1]
+    return {
+        "run": result["run"],
+        "k": result.get("search_epochs"),
+        "U_at_rejuvenation": result.get("utilization_at_rejuvenation"),
+        "best_val_acc": best.get("val_accuracy_sum"),
+        "best_epoch": best.get("epoch"),
+        "final_val_acc": last.get("val_accuracy_sum"),
+        "final_val_loss": last.get("val_loss"),
+        "collapse_points": collapse(result, baseline)
+        if result["config"]["nr"]["enabled"]
+        else None,
+        "eval_lag_points": eval_lag(result),
+        "epochs_run": result.get("epochs_run"),
+        "train_macs": result["cost"]["train_macs"],
+    }
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def sweep_baseline(results: list[dict[str, Any]], result: dict[str, Any]) -> dict | None:
+    """The sweep baseline of the same width as `result` (None if not run yet)."""
+    width = result["config"]["model_kwargs"].get("width_multiplier")
+    for r in results:
+        same_width = r["config"]["model_kwargs"].get("width_multiplier") == width
+        if not r["config"]["nr"]["enabled"] and same_width:
+            return r
+    return None
+
+
+def sweep_table(results: list[dict[str, Any]]) -> str:
+    """The sweep's markdown table (validation figures only)."""
+    cols = [
+        ("run", "run"),
+        ("k", "k"),
+        ("U_at_rejuvenation", "U at rej."),
+        ("best_val_acc", "best val acc"),
+        ("best_epoch", "at epoch"),
+        ("final_val_acc", "final val acc"),
+        ("final_val_loss", "final val loss"),
+        ("collapse_points", "collapse (pts)"),
+        ("eval_lag_points", "eval lag (pts)"),
+        ("epochs_run", "epochs"),
+    ]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        row = run_row(r, sweep_baseline(results, r))
+        lines.append("| " + " | ".join(_fmt(row[c]) for c, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def mean_std(values: list[float]) -> str:
+    """`mean ± std (n)` in percent (std of one value: –)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    m = 100 * statistics.fmean(values)
+    s = 100 * statistics.stdev(values) if len(values) > 1 else None
+    return f"{m:.2f} ± {s:.2f} (n={len(values)})" if s is not None else f"{m:.2f} (n=1)"
+
+
+def test_accuracies(result: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Test accuracy (summed heads) at the final and at the best-validation epoch."""
+    best = result.get("best_validation") or {}
+    return result["final"].get("test_accuracy_sum"), best.get("test_accuracy_sum")
+
+
+def test_table(results: list[dict[str, Any]]) -> str:
+    """Per architecture and arm: mean ± std over seeds, then the paired differences NR − arm."""
+    by = defaultdict(dict)  # (arch, arm) -> seed -> result
+    for r in results:
+        by[(r["arch"], r["arm"])][r["seed"]] = r
+    lines = [
+        "| arch | arm | test acc, final (%) | test acc, best val (%) | best val acc (%) |",
+        "|---|---|---|---|---|",
+    ]
+    for (arch, arm), seeds in sorted(by.items()):
+        finals, bests = zip(*(test_accuracies(r) for r in seeds.values()), strict=True)
+        vals = [(r.get("best_validation") or {}).get("val_accuracy_sum") for r in seeds.values()]
+        lines.append(
+            f"| {arch} | {arm} | {mean_std(list(finals))} | {mean_std(list(bests))} "
+            f"| {mean_std(vals)} |"
+        )
+    lines += [
+        "",
+        "Paired per-seed differences NR − control (test accuracy at the final epoch, points):",
+        "",
+        "| arch | control | per seed | mean ± std |",
+        "|---|---|---|---|",
+    ]
+    for (arch, arm), seeds in sorted(by.items()):
+        nr = by.get((arch, "nr"), {})
+        if arm == "nr" or not nr:
+            continue
+        diffs = {
+            s: 100 * (test_accuracies(nr[s])[0] - test_accuracies(r)[0])
+            for s, r in sorted(seeds.items())
+            if s in nr
+            and test_accuracies(nr[s])[0] is not None
+            and test_accuracies(r)[0] is not None
+        }
+        if not diffs:
+            continue
+        per_seed = ", ".join(f"s{s}: {d:+.2f}" for s, d in diffs.items())
+        d = list(diffs.values())
+        spread = f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else ""
+        lines.append(f"| {arch} | {arm} | {per_seed} | {statistics.fmean(d):+.2f}{spread} |")
+    return "\n".join(lines)
+
+
+def cumulative_macs(result: dict[str, Any]) -> list[float]:
+    """Training conv MACs (forward + backward) summed up to the end of each epoch."""
+    cost, spe, k = result["cost"], result["steps_per_epoch"], result.get("search_epochs") or 0
+    rejuvenated = result.get("rejuvenation") is not None
+    total, out = 0.0, []
+    for i, _ in enumerate(result["epochs"]):
+        after = rejuvenated and i >= k
+        total += spe * cost["macs_per_step_after" if after else "macs_per_step_before"]
+        out.append(total)
+    return out
+
+
+def plot_curves(results: list[dict[str, Any]], path: Path) -> Path:
+    """Validation error against epochs and against training compute, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for r in results:
+        epochs = [e["epoch"] for e in r["epochs"] if "val_accuracy_sum" in e]
+        err = [100 * (1 - e["val_accuracy_sum"]) for e in r["epochs"] if "val_accuracy_sum" in e]
+        macs = [
+            m
+            for m, e in zip(cumulative_macs(r), r["epochs"], strict=True)
+            if "val_accuracy_sum" in e
+        ]
+        style = "--" if not r["config"]["nr"]["enabled"] else "-"
+        a.plot(epochs, err, style, label=r["run"], lw=1.2)
+        b.plot([m / 1e15 for m in macs], err, style, label=r["run"], lw=1.2)
+    a.set(xlabel="epoch", ylabel="validation error (%)", title="validation error by epoch")
+    b.set(xlabel="training conv MACs (1e15, fwd + bwd)", title="by training compute")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        lo = min(
+            100 * (1 - e["val_accuracy_sum"])
+            for r in results
+            for e in r["epochs"]
+            if "val_accuracy_sum" in e
+        )
+        ax.set_ylim(max(0.0, lo - 1), lo + 12)
+    a.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def step_series(workdir: Path) -> dict[str, list[float]]:
+    """λ and utilisation against steps from a run directory's `metrics.jsonl` ({} if absent)."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    series = defaultdict(list)
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if "train/lambda" in r and "train/utilization" in r:
+            series["step"].append(r["step"])
+            series["lambda"].append(r["train/lambda"])
+            series["utilization"].append(r["train/utilization"])
+    return dict(series)
+
+
+def plot_steps(results: list[dict[str, Any]], runs_dir: Path, path: Path) -> Path | None:
+    """λ and utilisation against steps, for the NR runs whose directories are on disk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for r in results:
+        if r["config"]["nr"]["enabled"]:
+            s = step_series(runs_dir / r["table"] / r["run"])
+            if s:
+                series[r["run"]] = s
+    if not series:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, s in series.items():
+        a.plot(s["step"], s["lambda"], label=name, lw=1.0)
+        b.plot(s["step"], s["utilization"], label=name, lw=1.0)
+    a.set(xlabel="step", ylabel="λ", title="sparsity coefficient λ", yscale="log")
+    b.set(xlabel="step", ylabel="utilisation U (params)", title="utilisation")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(table_dir: Path, runs_dir: Path, kind: str) -> Path:
+    """Writes `<table_dir>/README.md` and its plots; returns the README's path."""
+    results = load_results(table_dir)
+    curves = plot_curves(results, table_dir / "validation_curves.png")
+    steps = plot_steps(results, runs_dir, table_dir / "lambda_utilization.png")
+    fingerprints = sorted({r["fingerprint"] for r in results})
+    commits = sorted({str(r.get("commit")) for r in results})
+    parts = [
+        f"# Table `{table_dir.name}` ({len(results)} finished runs)",
+        "",
+        "Written by `python -m experiments.eval_report --table "
+        f"{table_dir.name}` from the result files beside it; code fingerprint(s) "
+        f"{', '.join(fingerprints)}, commit(s) {', '.join(commits)}.",
+        "",
+        "## Runs (validation split)",
+        "",
+        sweep_table(results),
+        "",
+        "k: search epochs; collapse: the largest shortfall of the search's eval-mode validation "
+        f"accuracy below the baseline's at the same epoch (collapse above {COLLAPSE_POINTS:g}); "
+        "eval lag: validation accuracy with recomputed BN statistics minus without, mean over "
+        "the search.",
+        "",
+        f"![validation curves]({curves.name})",
+    ]
+    if steps is not None:
+        parts += ["", f"![λ and utilisation]({steps.name})"]
+    if kind != "sweep":
+        parts += ["", "## Test set (final and best-validation epochs)", "", test_table(results)]
+    path = table_dir / "README.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    table_dir = Path(FLAGS.results_dir) / FLAGS.table
+    kind = "sweep" if FLAGS.table.startswith("sweep") else "table"
+    print(write_report(table_dir, Path(FLAGS.runs_dir), kind))
+
+
+if __name__ == "__main__":
+    cli.run(main)

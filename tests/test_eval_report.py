@@ -1,0 +1,78 @@
+"""The evaluation's tables and plots (`experiments.eval_report`) on hand-made result files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from experiments import eval_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def result(arch, arm, seed, final, best, nr=True, k=2, width=1.5):
+    epochs = []
+    for e in range(1, 6):
+        rec = {"epoch": e, "step": 10 * e, "val_accuracy_sum": 0.80 + e / 100, "val_loss": 0.5}
+        if nr and e <= k:
+            rec["val_accuracy_sum"] -= 0.10 * (k - e + 1) / k  # the search costs accuracy
+            rec["val_bn_accuracy_sum"] = rec["val_accuracy_sum"] + 0.02
+        epochs.append(rec)
+    epochs[-1]["test_accuracy_sum"] = final
+    return {
+        "table": "t",
+        "run": f"{arch}_{arm}_s{seed}",
+        "arch": arch,
+        "arm": arm,
+        "seed": seed,
+        "fingerprint": "fp",
+        "commit": "abc",
+        "config": {"nr": {"enabled": nr}, "model_kwargs": {"width_multiplier": width}},
+        "epochs": epochs,
+        "final": {"epoch": 5, "test_accuracy_sum": final},
+        "best_validation": {"epoch": 5, "val_accuracy_sum": 0.85, "test_accuracy_sum": best},
+        "epochs_run": 5,
+        "search_epochs": k if nr else 0,
+        "steps_per_epoch": 10,
+        "cost": {"macs_per_step_before": 100.0, "macs_per_step_after": 60.0, "train_macs": 1e3},
+        "utilization_at_rejuvenation": 0.48 if nr else None,
+        "rejuvenation": {"r": 1.4} if nr else None,
+    }
+
+
+def test_collapse_eval_lag_and_compute():
+    nr, base = result("vgg", "nr", 0, 0.9, 0.9), result("vgg", "b", 0, 0.9, 0.9, nr=False)
+    assert abs(eval_report.collapse(nr, base) - 10.0) < 1e-9  # 10 points below at epoch 1
+    assert abs(eval_report.eval_lag(nr) - 2.0) < 1e-9
+    assert eval_report.cumulative_macs(nr) == [1000.0, 2000.0, 2600.0, 3200.0, 3800.0]
+    assert eval_report.cumulative_macs(base) == [1000.0 * e for e in range(1, 6)]
+
+
+def test_paired_differences_and_spread():
+    results = [result("vgg", "nr", s, 0.90 + s / 100, 0.9) for s in range(3)]
+    results += [result("vgg", "baseline_Ek", s, 0.89, 0.89, nr=False) for s in range(3)]
+    table = eval_report.test_table(results)
+    assert "| vgg | nr | 91.00 ± 1.00 (n=3)" in table
+    assert "s0: +1.00, s1: +2.00, s2: +3.00 | +2.00 ± 1.00 |" in table
+
+
+def test_the_command_writes_tables_and_plots(tmp_path):
+    table = tmp_path / "sweep"
+    table.mkdir()
+    for r in (result("vgg", "sweep:base", 0, 0.9, 0.9), result("vgg", "sweep:b", 0, 0, 0, False)):
+        (table / f"{r['run']}.json").write_text(json.dumps(r))
+    cmd = [sys.executable, "-m", "experiments.eval_report", "--table=sweep"]
+    args = [f"--results_dir={tmp_path}", f"--runs_dir={tmp_path / 'none'}"]
+    proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    readme = (table / "README.md").read_text()
+    assert "vgg_sweep:base_s0" in readme and "Test set" not in readme  # the sweep: no test
+    assert (table / "validation_curves.png").stat().st_size > 10_000
+    missing = subprocess.run(
+        [sys.executable, "-m", "experiments.eval_report", "--table=nope", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and missing.stderr.strip().startswith("error: ")
