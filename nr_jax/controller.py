@@ -41,15 +41,21 @@ class ControllerState(NamedTuple):
 
     Attributes:
       phase: SEARCH, REJUVENATED or PLAIN, int32.
-      search_epochs: decisions taken during the search (k; the LR schedule is offset by it), int32.
+      search_epochs: decisions taken during the search, all cycles together (k; the LR schedule
+        is offset by it), int32.
       previous_utilization: U at the previous decision (1.0 before the first), float32.
       rescaled: whether neural rescaling was applied after rejuvenation, bool.
+      cycle: rejuvenations done (`nr.cycles` in all; 0 before the first), int32.
+      cycle_search_epochs: search epochs of the current cycle (`nr.max_search_epochs` is per
+        cycle), int32.
     """
 
     phase: jax.Array
     search_epochs: jax.Array
     previous_utilization: jax.Array
     rescaled: jax.Array
+    cycle: jax.Array
+    cycle_search_epochs: jax.Array
 
 
 class Action(NamedTuple):
@@ -81,6 +87,8 @@ def init_controller(config: ml_collections.ConfigDict) -> ControllerState:
         search_epochs=jnp.array(0, jnp.int32),
         previous_utilization=jnp.array(1.0, jnp.float32),
         rescaled=jnp.array(False),
+        cycle=jnp.array(0, jnp.int32),
+        cycle_search_epochs=jnp.array(0, jnp.int32),
     )
 
 
@@ -112,6 +120,7 @@ def decide(
     lam = jnp.asarray(lam, jnp.float32)
     searching = state.phase == SEARCH
     epochs = state.search_epochs + searching.astype(jnp.int32)
+    cycle_epochs = state.cycle_search_epochs + searching.astype(jnp.int32)
     adapted = lam
     if nr.adaptive:
         adapted = adapt_lambda(
@@ -122,7 +131,7 @@ def decide(
             threshold=jnp.float32(nr.lam_threshold),
         )
     reached = searching & (util <= nr.target)
-    timed_out = searching & ~reached & (epochs >= nr.max_search_epochs)
+    timed_out = searching & ~reached & (cycle_epochs >= nr.max_search_epochs)
     stop = timed_out & ((nr.on_search_timeout == "stop") | (util >= 1.0))
     rejuvenate = reached | (timed_out & ~stop)
     ends = rejuvenate | stop
@@ -134,6 +143,8 @@ def decide(
         search_epochs=epochs,
         previous_utilization=jnp.where(searching, util, state.previous_utilization),
         rescaled=jnp.asarray(state.rescaled),
+        cycle=(state.cycle + rejuvenate.astype(jnp.int32)).astype(jnp.int32),
+        cycle_search_epochs=cycle_epochs.astype(jnp.int32),
     )
     new_lam = jnp.where(ends, jnp.float32(nr.lam_after), jnp.where(searching, adapted, lam))
     return new_state, Action(kind=kind.astype(jnp.int32), lam=new_lam, timed_out=timed_out)
@@ -144,10 +155,58 @@ def phase_name(state: ControllerState) -> str:
     return PHASE_NAMES[int(state.phase)]
 
 
-def total_epochs(state: ControllerState, epochs: int) -> int:
-    """Epochs of the run as known now: the search epochs so far, the `epochs` of the schedule,
-    and one more while the search goes on (host side)."""
-    return epochs + int(state.search_epochs) + (1 if int(state.phase) == SEARCH else 0)
+def end_of_cycle(
+    state: ControllerState, epoch: jax.Array | int, config: ml_collections.ConfigDict
+) -> tuple[ControllerState, jax.Array]:
+    """After epoch `epoch` (epochs completed): whether a cycle's rejuvenated phase ends here.
+
+    With `nr.cycles = n > 1`, the network rejuvenated by the c-th of n rejuvenations (c < n)
+    trains `nr.cycle_epochs` epochs, is then merged back into an ordinary network
+    (`nr_jax.merge`, by the caller, who also sets λ back to `nr.lam`) and searched again; the
+    last cycle trains the full schedule. Returns the new state (phase SEARCH, the cycle's search
+    count and U reset, when the cycle ends) and the decision (a bool scalar). Pure, jit-able.
+    """
+    nr = config.nr
+    since = schedule_epoch(state, epoch, config)
+    due = (state.phase == REJUVENATED) & (state.cycle < nr.cycles) & (since >= nr.cycle_epochs)
+    new = ControllerState(
+        phase=jnp.where(due, SEARCH, state.phase).astype(jnp.int32),
+        search_epochs=jnp.asarray(state.search_epochs, jnp.int32),
+        previous_utilization=jnp.where(due, 1.0, state.previous_utilization).astype(jnp.float32),
+        rescaled=jnp.where(due, False, state.rescaled),
+        cycle=jnp.asarray(state.cycle, jnp.int32),
+        cycle_search_epochs=jnp.where(due, 0, state.cycle_search_epochs).astype(jnp.int32),
+    )
+    return new, due
+
+
+def _merged_phases(state: ControllerState) -> jax.Array:
+    """Rejuvenated phases cut short at `nr.cycle_epochs` so far (merges done)."""
+    return jnp.where(state.phase == REJUVENATED, jnp.maximum(state.cycle - 1, 0), state.cycle)
+
+
+def schedule_epoch(
+    state: ControllerState, epoch: jax.Array | int, config: ml_collections.ConfigDict
+) -> jax.Array:
+    """The epoch of the LR schedule: 0 during a search (the official epoch extension: the search
+    does not consume the schedule), else the epochs since the schedule last (re)started."""
+    merged = _merged_phases(state) * config.nr.cycle_epochs
+    since = jnp.asarray(epoch, jnp.int32) - state.search_epochs - merged
+    return jnp.where(state.phase == SEARCH, 0, since).astype(jnp.int32)
+
+
+def total_epochs(
+    state: ControllerState, epochs: int, cycle_epochs: int = 0, cycles: int = 1
+) -> int:
+    """Epochs of the run as known now (host side): the search epochs so far, the rejuvenated
+    phases cut short at `cycle_epochs` (one per merge), the `epochs` of the last schedule, and one
+    more while a search goes on or is still to come (`cycles` rejuvenations in all)."""
+    phase, cycle = int(state.phase), int(state.cycle)
+    # the rejuvenated phase now running or next to come is cut short unless it is the last
+    coming = {SEARCH: cycle + 1, REJUVENATED: cycle}.get(phase)
+    merged = int(_merged_phases(state)) + (1 if coming is not None and coming < cycles else 0)
+    to_come = phase == SEARCH or (phase == REJUVENATED and cycle < cycles)
+    return epochs + int(state.search_epochs) + merged * cycle_epochs + (1 if to_come else 0)
 
 
 def steer_lambda(

@@ -34,12 +34,16 @@ def config(**nr):
     return c
 
 
-def state(phase=SEARCH, search_epochs=0, previous=1.0, rescaled=False):
+def state(
+    phase=SEARCH, search_epochs=0, previous=1.0, rescaled=False, cycle=None, cycle_search=None
+):
     return ControllerState(
         phase=jnp.int32(phase),
         search_epochs=jnp.int32(search_epochs),
         previous_utilization=jnp.float32(previous),
         rescaled=jnp.asarray(rescaled),
+        cycle=jnp.int32(cycle if cycle is not None else (0 if phase == SEARCH else 1)),
+        cycle_search_epochs=jnp.int32(search_epochs if cycle_search is None else cycle_search),
     )
 
 
@@ -190,3 +194,52 @@ def test_steer_lambda_stays_within_its_range_and_jits():
 def test_steer_lambda_needs_the_epoch_length():
     with np.testing.assert_raises(ValueError):
         controller.steer_lambda(1e-3, 0.5, 10, steering(), steps_per_epoch=0)
+
+
+# ---------------------------------------------------------------- repeated rejuvenation (cycles)
+
+
+def cycles_config(cycles=2, cycle_epochs=3):
+    c = config()
+    c.nr.cycles, c.nr.cycle_epochs = cycles, cycle_epochs
+    return c
+
+
+def test_a_cycle_ends_after_its_epochs_and_the_last_runs_the_schedule():
+    c, E = cycles_config(), 10  # two rejuvenations, 3 epochs after the first
+    s = state(search_epochs=2, cycle=0)  # searching, two search epochs so far
+    assert controller.total_epochs(s, E, 3, 2) == E + 2 + 3 + 1
+    s, action = decide(s, 0.4, 1e-3, c)  # the 3rd search epoch reaches the target
+    assert int(action.kind) == REJUVENATE and int(s.cycle) == 1 and int(s.phase) == REJUVENATED
+    assert controller.total_epochs(s, E, 3, 2) == E + 3 + 3 + 1  # a search is still to come
+    for epoch, ends in ((4, False), (5, False), (6, True)):  # epochs completed
+        assert int(controller.schedule_epoch(s, epoch - 1, c)) == epoch - 1 - 3
+        new, due = controller.end_of_cycle(s, epoch, c)
+        assert bool(due) == ends
+    s = new
+    assert int(s.phase) == SEARCH and int(s.cycle_search_epochs) == 0
+    assert float(s.previous_utilization) == 1.0
+    assert int(controller.schedule_epoch(s, 6, c)) == 0  # the search does not consume it
+    s, action = decide(s, 0.45, 1e-3, c)  # the next search: one epoch
+    assert int(action.kind) == REJUVENATE and int(s.cycle) == 2 and int(s.search_epochs) == 4
+    assert int(controller.schedule_epoch(s, 7, c)) == 0  # the schedule restarts
+    assert int(controller.schedule_epoch(s, 12, c)) == 5
+    assert controller.total_epochs(s, E, 3, 2) == E + 4 + 3  # the last cycle: E epochs
+    _, due = controller.end_of_cycle(s, 100, c)
+    assert not bool(due)
+
+
+def test_the_search_timeout_counts_per_cycle():
+    c = cycles_config()
+    s = state(search_epochs=5, cycle=1, cycle_search=1)  # 5 search epochs in all, 1 in this cycle
+    _, action = decide(s, 0.8, 1e-3, c)
+    assert not bool(action.timed_out)  # max_search_epochs 3 is per cycle
+
+
+def test_one_cycle_is_the_paper_schedule():
+    c = cycles_config(cycles=1, cycle_epochs=0)
+    s = state(phase=REJUVENATED, search_epochs=4, cycle=1)
+    assert int(controller.schedule_epoch(s, 9, c)) == 5
+    assert controller.total_epochs(s, 10) == 14
+    _, due = controller.end_of_cycle(s, 9, c)
+    assert not bool(due)
