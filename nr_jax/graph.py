@@ -37,6 +37,11 @@ class Unit:
       in_split, out_split: split points after rejuvenation (None before).
       tie: index into `ChannelGraph.ties` of the residual stream the unit writes to, or None.
       scheme: how old and new channels mix ("removed", "attention" or "dense").
+      norm: the unit's normalisation, "batch", "group", "layer" or None (`nr_jax.norms.NORMS`;
+        "batch" for the classifier, which has none).
+      norm_groups: channel group sizes of a GroupNorm / LayerNorm unit, else None.
+      dense: an `NRDense` unit (kernel [D_in, D_out], kernel and out_hw (1, 1)); a conv unit
+        otherwise. Both are of kind "conv": the graph, liveness and surgery treat them alike.
     """
 
     name: str
@@ -52,10 +57,26 @@ class Unit:
     out_split: int | None
     tie: int | None
     scheme: str = "removed"
+    norm: str | None = "batch"
+    norm_groups: tuple[int, ...] | None = None
+    dense: bool = False
 
     @property
     def path(self) -> tuple[str, ...]:
         return tuple(self.name.split("/"))
+
+    @property
+    def scale_path(self) -> tuple[str, ...] | None:
+        """Parameter path of the unit's normalisation scale γ, or None (no normalisation)."""
+        if self.kind != "conv" or self.norm is None:
+            return None
+        return (*self.path, "bn" if self.norm == "batch" else "norm", "scale")
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """Shape of the unit's kernel: [k_h, k_w, D_in, D_out], or [D_in, D_out] when dense."""
+        lead = () if self.dense or self.kind == "classifier" else self.kernel
+        return (*lead, self.in_channels, self.out_channels)
 
     @property
     def weights(self) -> int:
@@ -114,8 +135,9 @@ class ChannelGraph:
         return tuple(u for u in self.units if not u.fixed)
 
     def l1_scale_paths(self) -> frozenset[tuple[str, ...]]:
-        """Parameter paths of the BN scales that get the L1 pressure (non-fixed units)."""
-        return frozenset(u.path + ("bn", "scale") for u in self.prunable)
+        """Parameter paths of the normalisation scales that get the L1 pressure (non-fixed
+        units with a scale: BatchNorm, and GroupNorm / LayerNorm, `Unit.scale_path`)."""
+        return frozenset(u.scale_path for u in self.prunable if u.scale_path is not None)
 
     @property
     def rejuvenated(self) -> bool:
@@ -131,6 +153,10 @@ class ChannelGraph:
                 flags.append(f"tie{u.tie}")
             if u.out_split is not None or u.in_split is not None:
                 flags.append(f"split(in={u.in_split}, out={u.out_split})")
+            if u.kind == "conv" and u.norm != "batch":
+                flags.append(f"norm={u.norm}")
+            if u.dense:
+                flags.append("dense")
             hw = f"{u.out_hw[0]}x{u.out_hw[1]}"
             lines.append(
                 f"{u.name:<24}{u.in_channels:>6}{u.out_channels:>6}{u.kernel[0]:>3}{hw:>9}  "
@@ -182,7 +208,7 @@ def _build(tracker: tracing.Tracker, input_shape: tuple[int, ...], shapes: Any) 
     if len(set(names)) != len(names):
         raise ValueError(f"a unit was called twice (shared weights are not supported): {names}")
     if not any(r.kind == "conv" for r in records):
-        raise ValueError("the model has no nr_jax.layers.NRConv unit")
+        raise ValueError("the model has no nr_jax.layers.NRConv (or NRDense) unit")
     classifiers = [r for r in records if r.kind == "classifier"]
     if len(classifiers) > 1:
         raise ValueError(
@@ -205,6 +231,9 @@ def _build(tracker: tracing.Tracker, input_shape: tuple[int, ...], shapes: Any) 
             out_split=r.out_split,
             tie=tie_of.get(r.name),
             scheme=r.scheme,
+            norm=r.norm,
+            norm_groups=r.norm_groups,
+            dense=r.dense,
         )
         for r in records
     ]

@@ -105,8 +105,10 @@ class WidthSpec:
 
     def plain(self) -> WidthSpec:
         """The same widths without split points: an ordinary network (one classifier, no
-        old/new blocks), as the slimming control and `nr_jax.merge` build."""
-        return WidthSpec(tuple((k, UnitWidth(v.features)) for k, v in self.entries))
+        old/new blocks), as the slimming control and `nr_jax.merge` build. GroupNorm / LayerNorm
+        groups are kept (regrouping would change the function)."""
+        plain = {k: dataclasses.replace(v, in_split=None, out_split=None) for k, v in self.entries}
+        return WidthSpec(tuple(plain.items()))
 
     @classmethod
     def from_dict(cls, widths: dict[str, UnitWidth]) -> WidthSpec:
@@ -242,7 +244,9 @@ def _unit_name(unit: nn.Module) -> str:
 
 def _check_fields(unit: Any, what: str) -> None:
     if unit.scheme not in SCHEMES:
-        raise ValueError(f"{what} {unit.name}: scheme must be one of {SCHEMES}, got {unit.scheme!r}")
+        raise ValueError(
+            f"{what} {unit.name}: scheme must be one of {SCHEMES}, got {unit.scheme!r}"
+        )
     norms.check_norm(unit.norm, f"{what} {unit.name}")
 
 
@@ -270,7 +274,11 @@ def _finish(unit: Any, y: Array, train: bool) -> Array:
         y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
     else:
         y = norms.GroupedNorm(
-            _groups(unit), unit.norm == "group", scale_init=scale_init, dtype=unit.dtype, name="norm"
+            _groups(unit),
+            unit.norm == "group",
+            scale_init=scale_init,
+            dtype=unit.dtype,
+            name="norm",
         )(y)
     if unit.activation is not None:
         y = unit.activation(y)
@@ -356,9 +364,7 @@ def _removed(unit: Any, linear: Linear, x: Array, kernel: Array, l_in: int, l_ou
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
-def _attention(
-    unit: Any, linear: Linear, x: Array, kernel: Array, l_in: int, l_out: int
-) -> Array:
+def _attention(unit: Any, linear: Linear, x: Array, kernel: Array, l_in: int, l_out: int) -> Array:
     if l_in in (0, x.shape[-1]) or l_out in (0, unit.features):
         return linear(x, kernel)  # no second group to attend to
     x_o, x_n = x[..., :l_in], x[..., l_in:]

@@ -9,10 +9,11 @@ g = min(|γ|, t):
 multiplies the unit's BN output (and, through ReLU, its activation) by t / g; the factor g / t is
 folded into exactly the consumers of that channel (every unit, and the classifier, that reads it,
 through concatenations), so every pre-BN activation downstream is unchanged, in eval and train
-mode, under both schemes. Fixed units and units tied to a residual stream are not rescaled and pass
-factor 1 (the official code multiplies their consumers by a uniform 1/t, which leaves running
-statistics stale, and leaves the logits scaled by t; its DenseNet folding is misaligned: all fixed
-here).
+mode, under both schemes. The same holds for a GroupNorm / LayerNorm scale (its normalised
+output does not depend on γ); units without normalisation have no scale and pass factor 1, as do
+fixed units and units tied to a residual stream, which are not rescaled (the official code
+multiplies their consumers by a uniform 1/t, which leaves running statistics stale, and leaves
+the logits scaled by t; its DenseNet folding is misaligned: all fixed here).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def channel_factors(variables: Any, graph: ChannelGraph, target: float) -> dict[
     params = _host_params(variables)
     factors = {}
     for u in graph.units:
-        gamma = np.asarray(params[(*u.path, "bn", "scale")], np.float32)
-        if u.fixed or u.tie is not None:
-            factors[u.name] = np.ones_like(gamma)
+        if u.fixed or u.tie is not None or u.scale_path is None:
+            factors[u.name] = np.ones((u.out_channels,), np.float32)
             continue
+        gamma = np.asarray(params[u.scale_path], np.float32)
         g = np.minimum(np.abs(gamma), target)
         factors[u.name] = np.where(g > 0, g / target, 1.0).astype(np.float32)
     return factors
@@ -78,12 +79,13 @@ def rescale(variables: Any, graph: ChannelGraph, target: float = 0.5) -> dict[st
     for u in graph.all_units:
         f_in = _input_factor(u, factors)
         kernel = params[(*u.path, "kernel")]
-        shape = (1, 1, -1, 1) if u.kind == "conv" else (-1, 1)
+        shape = (1,) * (kernel.ndim - 2) + (-1, 1)
         new[(*u.path, "kernel")] = kernel * f_in.reshape(shape).astype(kernel.dtype)
-        if u.kind != "conv" or u.fixed or u.tie is not None:
+        if u.kind != "conv" or u.fixed or u.tie is not None or u.scale_path is None:
             continue
         f, up = factors[u.name], factors[u.name] < 1.0
-        gamma, beta = params[(*u.path, "bn", "scale")], params[(*u.path, "bn", "bias")]
-        new[(*u.path, "bn", "scale")] = np.where(up, np.sign(gamma) * target, gamma)
-        new[(*u.path, "bn", "bias")] = np.where(up, beta / f, beta).astype(beta.dtype)
+        bias_path = (*u.scale_path[:-1], "bias")
+        gamma, beta = params[u.scale_path], params[bias_path]
+        new[u.scale_path] = np.where(up, np.sign(gamma) * target, gamma)
+        new[bias_path] = np.where(up, beta / f, beta).astype(beta.dtype)
     return {**host, "params": traverse_util.unflatten_dict(new)}

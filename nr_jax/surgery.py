@@ -10,6 +10,10 @@ compiles nothing.
 
 Layout after rejuvenation: every channel axis is [survivors (original order), new]; for a unit
 whose input is a concatenation, [survivors of every input, new channels of every input].
+Conv and dense units (`nr_jax.layers.NRDense`) are handled alike, with any normalisation: every
+per-channel leaf of a unit (BN, GroupNorm / LayerNorm, or the bias of a unit without one) follows
+its output channels; a GroupNorm / LayerNorm unit's new channels form groups of their own
+(`nr_jax.norms.regroup`), so they do not change the survivors' statistics.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from nr_jax import planning
+from nr_jax import norms, planning
 from nr_jax.allocation import Allocation
 from nr_jax.graph import INPUT, ChannelGraph, channel_graph
 from nr_jax.layers import MASKS, UnitWidth, WidthSpec
@@ -52,9 +56,8 @@ def _host(variables: Any) -> dict:
         flax.core.unfreeze(variables) if isinstance(variables, flax.core.FrozenDict) else variables
     )
     tree = jax.tree.map(np.asarray, tree)
-    for name in ("params", "batch_stats"):
-        if not isinstance(tree, dict) or name not in tree:
-            raise ValueError(f"variables lack the {name!r} collection")
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise ValueError("variables lack the 'params' collection")
     return tree
 
 
@@ -207,6 +210,9 @@ def _derived_graph(graph: ChannelGraph, plan: Plan) -> ChannelGraph:
                 out_channels=p.d_out if conv else u.out_channels,
                 in_split=len(p.in_src),
                 out_split=len(p.out_src) if conv else None,
+                norm_groups=norms.regroup(u.norm, u.norm_groups, p.out_src, p.d_out)
+                if conv
+                else u.norm_groups,
             )
         )
     convs = tuple(x for x in units if x.kind == "conv")
@@ -219,13 +225,15 @@ def _width_spec(graph: ChannelGraph, plan: Plan) -> WidthSpec:
     for u in graph.all_units:
         p = plan[u.name]
         if u.kind == "conv":
-            entries[u.name] = UnitWidth(p.d_out, len(p.in_src), len(p.out_src))
+            groups = norms.regroup(u.norm, u.norm_groups, p.out_src, p.d_out)
+            entries[u.name] = UnitWidth(p.d_out, len(p.in_src), len(p.out_src), groups)
         else:
             entries[u.name] = UnitWidth(u.out_channels, len(p.in_src), None)
     return WidthSpec.from_dict(entries)
 
 
-BN_FILL = (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var"))
+# the value of a new channel in a unit's per-channel leaves, by leaf name (others: 0)
+CHANNEL_FILL = {"var": 1.0}
 
 
 def _new_variables(
@@ -234,12 +242,20 @@ def _new_variables(
     """The new variables (numpy) and the axis plan of every parameter leaf that changes.
 
     Only the weights that stay random are drawn, unit by unit in graph order (one key, one
-    result): a conv's new inputs -> new outputs (all inputs -> new outputs when it has no new
+    result): a unit's new inputs -> new outputs (all inputs -> new outputs when it has no new
     inputs), He normal with the new fan-out; the classifier's new inputs, N(0, 0.01). New
     inputs never reach old outputs and, where the unit has new inputs, old inputs never reach
-    new outputs (zero blocks: the survivors stay exact, the cross connections removed).
+    new outputs (zero blocks: the survivors stay exact, the cross connections removed). Every
+    other leaf of a unit is per output channel (normalisation scale and bias, running
+    statistics, the bias of a unit without normalisation): new channels get scale `new_gamma`,
+    running variance 1, everything else 0.
     """
     flat = traverse_util.flatten_dict(host, keep_empty_nodes=True)
+    per_unit: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+    for key in flat:  # the per-channel leaves of every unit, by unit path
+        for n in range(2, len(key)):
+            if key[0] != MASKS and key[-1] != "kernel":
+                per_unit.setdefault(key[1:n], []).append(key)
     new: dict[tuple[str, ...], Any] = {}
     axes: dict[tuple[str, ...], tuple[Axis | None, ...]] = {}
     for u in graph.all_units:
@@ -255,19 +271,21 @@ def _new_variables(
                 k[l_in:] = values
             continue
         ax_out, l_out = Axis(p.d_out, np.asarray(p.out_src, np.intp)), len(p.out_src)
-        axes[path] = (None, None, ax_in, ax_out)
-        new[("params", *path)] = k = carry(flat[("params", *path)], axes[path])
-        kh, kw, d_in, d_out = k.shape
+        old_k = flat[("params", *path)]
+        axes[path] = (None,) * (old_k.ndim - 2) + (ax_in, ax_out)
+        new[("params", *path)] = k = carry(old_k, axes[path])
+        *taps, d_in, d_out = k.shape
         if l_out < d_out:
             first = l_in if l_in < d_in else 0
-            values = rng.standard_normal((kh, kw, d_in - first, d_out - l_out), np.float32)
-            values *= np.float32(math.sqrt(2.0 / (kh * kw * d_out)))  # He, the new fan-out
-            k[:, :, first:, l_out:] = values
-        for (coll, leaf), fill in zip(BN_FILL, (new_gamma, 0.0, 0.0, 1.0), strict=True):
-            path = (*u.path, "bn", leaf)
-            new[(coll, *path)] = carry(flat[(coll, *path)], (ax_out,), fill)
-            if coll == "params":
-                axes[path] = (ax_out,)
+            values = rng.standard_normal((*taps, d_in - first, d_out - l_out), np.float32)
+            fan_out = math.prod(taps) * d_out
+            values *= np.float32(math.sqrt(2.0 / fan_out))  # He, the new fan-out
+            k[..., first:, l_out:] = values
+        for key in per_unit.get(u.path, ()):
+            fill = new_gamma if key[-1] == "scale" else CHANNEL_FILL.get(key[-1], 0.0)
+            new[key] = carry(flat[key], (ax_out,), fill)
+            if key[0] == "params":
+                axes[key[1:]] = (ax_out,)
         if MASKS in host:
             new[(MASKS, *u.path, "mask")] = np.full((p.d_out,), 0.0 if p.dead else 1.0, np.float32)
     # leaves taken over unchanged are copied, as the caller may still own them

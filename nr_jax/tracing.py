@@ -43,6 +43,9 @@ class UnitRecord:
     in_split: int | None
     out_split: int | None
     scheme: str = "removed"
+    norm: str | None = "batch"  # "batch", "group", "layer" or None (`nr_jax.norms.NORMS`)
+    norm_groups: tuple[int, ...] | None = None  # GroupNorm / LayerNorm group sizes
+    dense: bool = False  # an `NRDense` unit (kernel [D_in, D_out])
 
 
 class Tracker:
