@@ -15,6 +15,7 @@ from nr_jax.allocation import (
     rounded_allocation,
     sqrt_allocation,
 )
+from nr_jax.compact import export, export_inference
 from nr_jax.graph import ChannelGraph, Unit, channel_graph
 from nr_jax.heads import head_logits, nr_loss, predict
 from nr_jax.layers import (
@@ -72,6 +73,8 @@ __all__ = [
     "classifier_unit",
     "conv_unit",
     "count",
+    "export",
+    "export_inference",
     "get_lambda",
     "head_logits",
     "allocated_resource",
