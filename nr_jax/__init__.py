@@ -6,7 +6,7 @@ rejuvenate it (`rejuvenate`), training the mix of old and new neurons with `nr_l
 `nr_jax.train.train_and_evaluate(config, workdir)` runs the whole method.
 """
 
-from nr_jax import models
+from nr_jax import criteria, models
 from nr_jax.allocation import (
     ALLOCATIONS,
     Allocation,
@@ -22,16 +22,25 @@ from nr_jax.layers import (
     MASKS,
     NRClassifier,
     NRConv,
+    NRDense,
     UnitWidth,
     WidthSpec,
     batch_chunking,
     classifier_unit,
     conv_unit,
+    dense_unit,
     set_conv_weight_grad,
 )
 from nr_jax.live import Counts, Liveness, Utilization, count, liveness, utilization
 from nr_jax.planning import Plan, UnitPlan, plan
-from nr_jax.sparsity import L1State, adapt_lambda, get_lambda, l1_bn_scales, set_lambda
+from nr_jax.sparsity import (
+    L1State,
+    adapt_lambda,
+    get_lambda,
+    group_lasso,
+    l1_bn_scales,
+    set_lambda,
+)
 from nr_jax.surgery import Rejuvenation, RejuvenationReport, apply_plan, rejuvenate
 
 __version__ = "0.1.0"
@@ -62,6 +71,7 @@ __all__ = [
     "Liveness",
     "NRClassifier",
     "NRConv",
+    "NRDense",
     "Rejuvenation",
     "RejuvenationReport",
     "Unit",
@@ -73,9 +83,12 @@ __all__ = [
     "classifier_unit",
     "conv_unit",
     "count",
+    "criteria",
+    "dense_unit",
     "export",
     "export_inference",
     "get_lambda",
+    "group_lasso",
     "head_logits",
     "allocated_resource",
     "batch_chunking",

@@ -1,4 +1,4 @@
-"""The L1 pressure on BN scales, as an optax transform (method.md 1.4).
+"""The sparsity pressures, as optax transforms: L1 on BN scales (method.md 1.4), group lasso.
 
 `l1_bn_scales(graph, lam)` adds `lam * sign(γ)` to the gradient of every non-fixed unit's BN
 scale. It goes first in the chain, before weight decay and momentum, as in the official `nr.SGD`:
@@ -10,7 +10,14 @@ scale. It goes first in the chain, before weight decay and momentum, as in the o
 λ lives in the optimiser state (`L1State.lam`), so changing it (the adaptive controller, λ = 0
 after rejuvenation) never retraces; `set_lambda` / `get_lambda` find it in any optax state. The
 transform depends only on the graph's structure (which units are prunable), never on widths, so
-the same `tx` serves before and after rejuvenation.
+the same `tx` serves before and after rejuvenation. The L1 term reads the scale of any
+normalisation (BatchNorm, GroupNorm, LayerNorm: `ChannelGraph.l1_scale_paths`).
+
+For units without a scale, `group_lasso(graph, lam)` is the pressure (issue 16): λ times the
+L2 norm of each channel's outgoing weights (`nr_jax.outgoing`), whose gradient λ·w/‖w‖ shrinks
+a channel's whole group of weights at once; the "outgoing" liveness criterion reads the result.
+It keeps its λ in the same `L1State`, so `set_lambda`, `get_lambda` and the λ controllers work
+unchanged. `resolve(name, graph, lam)` picks a pressure by name ("l1", "group_lasso", "none").
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nr_jax import outgoing
 from nr_jax.graph import ChannelGraph
 
 
 class L1State(NamedTuple):
-    """State of `l1_bn_scales`: the current sparsity coefficient λ (float32 scalar)."""
+    """State of the pressures (`l1_bn_scales`, `group_lasso`, `resolve`'s "none"): the current
+    sparsity coefficient λ (float32 scalar)."""
 
     lam: jax.Array
 
@@ -60,6 +69,92 @@ def l1_bn_scales(graph: ChannelGraph, lam: float = 1e-4) -> optax.GradientTransf
         return jax.tree_util.tree_map_with_path(add, updates, params), state
 
     return optax.GradientTransformation(init, update)
+
+
+def group_lasso(graph: ChannelGraph, lam: float = 1e-4) -> optax.GradientTransformation:
+    """Group lasso on every prunable channel's outgoing weights: λ Σ_c ‖W_out(c)‖₂.
+
+    The group of channel c of a non-fixed unit is every consumer kernel row that reads it
+    (through concatenations; a residual stream channel is one group when every unit summed into
+    it is prunable). The gradient of the penalty, λ·W/‖W_out(c)‖ (0 where the group is exactly
+    zero), is added to those rows' gradients; it moves the whole group toward zero, by λ·lr per
+    plain SGD step, without changing its direction. Goes first in the chain, like `l1_bn_scales`.
+
+    Args:
+      graph: the model's channel graph; only its structure is used (the same `tx` serves after
+        rejuvenation, where the new units' inputs are laid out [survivors, new]).
+      lam: initial λ (>= 0), in `L1State` (`set_lambda`).
+
+    Returns:
+      An optax transformation; `update(updates, state, params)` needs the params.
+    """
+    if lam < 0:
+        raise ValueError(f"group_lasso: lam must be >= 0, got {lam}")
+    prunable = {u.name for u in graph.prunable}
+    pressed = frozenset(s for s in outgoing.sources(graph) if s <= prunable)
+    rows = {  # the kernels with pressed input rows, by "/"-joined parameter path
+        f"{v.name}/kernel": v for v in graph.all_units if any(s[0] in pressed for s in v.inputs)
+    }
+
+    def init(params: Any) -> L1State:
+        del params
+        return L1State(lam=jnp.asarray(lam, jnp.float32))
+
+    def update(updates: Any, state: L1State, params: Any = None) -> tuple[Any, L1State]:
+        if params is None:
+            raise ValueError("group_lasso needs params: call tx.update(grads, state, params)")
+        inverse = {}  # 1 / ‖group‖ per channel source (0 for an exactly zero group)
+        for src, n in outgoing.norms(params, graph).items():
+            inverse[src] = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
+
+        def add(path: tuple, g: Any, w: Any) -> Any:
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            if name not in rows:
+                return g
+            f = outgoing.input_factors(rows[name], inverse, pressed)  # (D_in,)
+            f = f.reshape((1,) * (w.ndim - 2) + (-1, 1))
+            return g + (state.lam * w.astype(jnp.float32) * f).astype(g.dtype)
+
+        return jax.tree_util.tree_map_with_path(add, updates, params), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def no_pressure(lam: float = 0.0) -> optax.GradientTransformation:
+    """No pressure (gradients unchanged), with an `L1State` so that λ can still be set and read:
+    the search then waits for the dormancy that arises in ordinary training."""
+
+    def init(params: Any) -> L1State:
+        del params
+        return L1State(lam=jnp.asarray(lam, jnp.float32))
+
+    def update(updates: Any, state: L1State, params: Any = None) -> tuple[Any, L1State]:
+        del params
+        return updates, state
+
+    return optax.GradientTransformation(init, update)
+
+
+PRESSURES = ("l1", "group_lasso", "none")
+
+
+def resolve(name: str, graph: ChannelGraph, lam: float) -> optax.GradientTransformation:
+    """The pressure called `name`: "l1" (`l1_bn_scales`, on any normalisation scale),
+    "group_lasso" (`group_lasso`) or "none" (`no_pressure`).
+
+    Raises:
+      ConfigError: `name` is no known pressure (the one-line message of `nr_jax.config`).
+    """
+    if name == "l1":
+        return l1_bn_scales(graph, lam)
+    if name == "group_lasso":
+        return group_lasso(graph, lam)
+    if name == "none":
+        return no_pressure(lam)
+    from nr_jax.config import refuse  # here: `import nr_jax` does not load the config
+
+    refuse("nr.pressure", name, f"one of {list(PRESSURES)}")
+    raise AssertionError  # refuse raises
 
 
 def _is_l1(x: Any) -> bool:

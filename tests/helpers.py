@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,40 @@ def random_gammas(variables: dict, graph: nr_jax.ChannelGraph, seed: int, dead_f
         g[dead] = rng.uniform(0, 1e-4, dead.sum())
         gammas[u.name] = g.astype(np.float32)
     return set_gammas(variables, gammas), gammas
+
+
+def shrink_outgoing(
+    variables: dict, graph: nr_jax.ChannelGraph, seed: int, dead_frac: float = 0.5
+) -> dict:
+    """`random_gammas` for units without a scale: about `dead_frac` of each prunable unit's
+    channels get their outgoing weights (every consumer row reading them) scaled by 1e-5, dead
+    for the "outgoing" criterion (at least one channel per unit stays live)."""
+    rng = np.random.default_rng(seed)
+    flat = flax.traverse_util.flatten_dict(jax.tree.map(np.array, variables["params"]))
+    dead = {}
+    for u in graph.prunable:
+        d = rng.random(u.out_channels) < dead_frac
+        d[rng.integers(u.out_channels)] = False
+        dead[u.name] = d
+    for v in graph.all_units:
+        k, offset = flat[(*v.path, "kernel")], 0
+        for producers, start, stop in v.inputs:
+            for p in producers & set(dead):
+                rows = offset + np.flatnonzero(dead[p][start:stop])
+                k[..., rows, :] *= np.float32(1e-5)
+            offset += stop - start
+    return {**variables, "params": flax.traverse_util.unflatten_dict(flat)}
+
+
+def mask_dead(variables: dict, live: nr_jax.Liveness) -> dict:
+    """Multiplies every unit's channel mask by its live outputs: the dead channels output zero
+    (the reference for function preservation, for units with or without normalisation)."""
+    masks = jax.tree.map(np.array, variables[nr_jax.MASKS])
+    flat = flax.traverse_util.flatten_dict(masks)
+    for name, m in live.out.items():
+        path = (*name.split("/"), "mask")
+        flat[path] = flat[path] * np.asarray(m, np.float32)
+    return {**variables, nr_jax.MASKS: flax.traverse_util.unflatten_dict(flat)}
 
 
 def zero_dead(variables: dict, live: nr_jax.Liveness) -> dict:
@@ -151,15 +186,22 @@ def kept_outputs(live: nr_jax.Liveness, graph: nr_jax.ChannelGraph, name: str) -
     return np.any([np.asarray(live.out[n]) for n in graph.ties[u.tie]], axis=0)
 
 
-def gammas_at_utilization(variables, graph, target: float, seed: int = 0, iters: int = 12):
-    """`random_gammas` with the dead fraction bisected so that U is just under `target`.
+def gammas_at_utilization(
+    variables, graph, target: float, seed: int = 0, iters: int = 12, criterion: str = "bn"
+):
+    """`random_gammas` with the dead fraction bisected so that U is just under `target`;
+    `shrink_outgoing` instead for the "outgoing" criterion.
 
     Returns (U, variables).
     """
+    live_of = nr_jax.criteria.resolve(criterion)
 
     def at(frac):
-        v = jax.device_get(random_gammas(variables, graph, seed, frac)[0])
-        return float(nr_jax.utilization(nr_jax.liveness(v, graph), graph).ratio), v
+        if criterion == "outgoing":
+            v = jax.device_get(shrink_outgoing(variables, graph, seed, frac))
+        else:
+            v = jax.device_get(random_gammas(variables, graph, seed, frac)[0])
+        return float(nr_jax.utilization(live_of(v, graph), graph).ratio), v
 
     lo, hi = 0.0, 1.0
     for _ in range(iters):

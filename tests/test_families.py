@@ -17,6 +17,7 @@ import math
 from typing import Any, NamedTuple
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,12 +29,13 @@ from helpers import (
     host_variables,
     kept_outputs,
     kernel_moments,
+    mask_dead,
     random_gammas,
     set_gammas,
     sgd_chain,
+    shrink_outgoing,
     synthetic_batch,
     warm_state,
-    zero_dead,
 )
 
 import nr_jax
@@ -58,6 +60,8 @@ class Case(NamedTuple):
         loop is `tests/test_train.py::test_one_trace_per_width_configuration`.
       steps_before: trainer steps before the rejuvenation (each compile costs seconds).
       nr: `config.nr` overrides of the trainer case.
+      criterion: the liveness criterion (`nr_jax.criteria`): "bn" (dead channels by random γ)
+        or "outgoing" for units without a scale (dead channels by shrunk outgoing weights).
     """
 
     name: str
@@ -66,6 +70,7 @@ class Case(NamedTuple):
     train: bool = True
     steps_before: int = 2
     nr: dict[str, Any] = {}
+    criterion: str = "bn"
 
     def model(self, **kwargs: Any) -> Any:
         return nr_jax.models.get(self.name, num_classes=CLASSES, **{**self.kwargs, **kwargs})
@@ -82,6 +87,10 @@ CASES = [
     Case("resnet_tiny_cifar", PRUNE, dead="s2b1_conv1", train=False),
     Case("densenet_tiny", nr={"allocation": "integer"}),
     Case("vgg_imagenet_tiny"),
+    # units without BatchNorm; the trainer reads BN γ only until it takes a criterion
+    # (issue 16: the train-loop wiring), so their trainer case waits for it
+    Case("cnn_nobn_tiny", criterion="outgoing", train=False),
+    Case("mlp_tiny", criterion="outgoing", train=False),
 ]
 TRAIN_CASES = [c for c in CASES if c.train]
 
@@ -90,7 +99,10 @@ def setup(case: Case, seed: int = 1) -> tuple[Any, nr_jax.ChannelGraph, dict]:
     """The case's model, graph and host variables with random dead channels (and `case.dead`)."""
     model = case.model()
     graph = nr_jax.channel_graph(model, X.shape)
-    variables, _ = random_gammas(host_variables(graph, seed), graph, seed, dead_frac=0.5)
+    if case.criterion == "outgoing":
+        variables = shrink_outgoing(host_variables(graph, seed), graph, seed, dead_frac=0.5)
+    else:
+        variables, _ = random_gammas(host_variables(graph, seed), graph, seed, dead_frac=0.5)
     if case.dead is not None:
         dead = np.full(graph[case.dead].out_channels, 1e-5, np.float32)
         variables = set_gammas(variables, {case.dead: dead})
@@ -100,12 +112,13 @@ def setup(case: Case, seed: int = 1) -> tuple[Any, nr_jax.ChannelGraph, dict]:
 @pytest.fixture(scope="module", params=CASES, ids=str)
 def rejuvenated(request):
     """A case rejuvenated with `sgd_chain` and a warm optimiser state (host only)."""
-    model, graph, variables = setup(request.param)
+    case = request.param
+    model, graph, variables = setup(case)
     tx = sgd_chain(graph)
     state = warm_state(tx, variables["params"])
-    live = nr_jax.liveness(variables, graph)
-    res = nr_jax.rejuvenate(jax.random.key(3), model, variables, state, tx, graph)
-    return request.param, variables, graph, tx, state, live, res
+    live = nr_jax.criteria.resolve(case.criterion)(variables, graph)
+    res = nr_jax.rejuvenate(jax.random.key(3), model, variables, state, tx, graph, live=live)
+    return case, variables, graph, tx, state, live, res
 
 
 def test_the_contract_covers_every_tiny_model():
@@ -122,18 +135,21 @@ def test_graph_agrees_with_the_variables(case):
     graph = nr_jax.channel_graph(case.model(), X.shape)
     params, masks = graph.variable_shapes["params"], graph.variable_shapes[nr_jax.MASKS]
     assert set(params) == {u.name for u in graph.all_units}
+    flat = flax.traverse_util.flatten_dict(params)
     for u in graph.units:
-        assert params[u.name]["kernel"].shape == (*u.kernel, u.in_channels, u.out_channels)
-        assert params[u.name]["bn"]["scale"].shape == (u.out_channels,)
+        assert params[u.name]["kernel"].shape == u.kernel_shape
+        assert len(u.kernel_shape) == (2 if u.dense else 4)
+        assert flat[u.scale_path or (*u.path, "bias")].shape == (u.out_channels,)
         assert masks[u.name]["mask"].shape == (u.out_channels,)
         assert u.in_channels == sum(stop - start for _, start, stop in u.inputs)
-    assert graph.units[0].inputs == ((frozenset([INPUT]), 0, X.shape[-1]),)
+    image = math.prod(X.shape[1:]) if graph.units[0].dense else X.shape[-1]  # MLP: flattened
+    assert graph.units[0].inputs == ((frozenset([INPUT]), 0, image),)
     assert graph.classifier.out_channels == CLASSES and not graph.rejuvenated
     c = nr_jax.count(graph)
     assert c.total == sum(math.prod(s.shape) for s in jax.tree.leaves(params))
     assert c.conv == sum(u.weights for u in graph.units)
     assert c.macs == sum(u.macs for u in graph.units)
-    assert graph.l1_scale_paths() == {(u.name, "bn", "scale") for u in graph.units if not u.fixed}
+    assert graph.l1_scale_paths() == {u.scale_path for u in graph.prunable if u.scale_path}
 
 
 def test_rejuvenation_invariants(rejuvenated):
@@ -158,24 +174,26 @@ def test_rejuvenation_invariants(rejuvenated):
         assert res.graph[u.name].out_channels >= max(lo, 1)
         old_k = variables["params"][u.name]["kernel"]
         new_k = np.asarray(new_params[u.name]["kernel"])
-        np.testing.assert_array_equal(new_k[:, :, :li, :lo], old_k[:, :, keep_in][..., keep_out])
-        assert not np.any(new_k[:, :, li:, :lo])
-        for coll, leaf, fill in (
-            ("params", "scale", 0.5),
-            ("params", "bias", 0.0),
-            ("batch_stats", "mean", 0.0),
-            ("batch_stats", "var", 1.0),
-        ):
-            old = variables[coll][u.name]["bn"][leaf]
-            new = np.asarray(res.variables[coll][u.name]["bn"][leaf])
-            np.testing.assert_array_equal(new[:lo], old[keep_out])
-            np.testing.assert_array_equal(new[lo:], fill)
+        np.testing.assert_array_equal(new_k[..., :li, :lo], old_k[..., keep_in, :][..., keep_out])
+        assert not np.any(new_k[..., li:, :lo])
+        channel_leaves = 0  # BN (scale, bias, mean, var), GroupNorm / LayerNorm, or the bias
+        for coll in ("params", "batch_stats"):
+            old_leaves = flax.traverse_util.flatten_dict(variables.get(coll, {}))
+            new_leaves = flax.traverse_util.flatten_dict(res.variables.get(coll, {}))
+            for key, old in old_leaves.items():
+                if key[: len(u.path)] != u.path or key[-1] == "kernel":
+                    continue
+                fill = {"scale": 0.5, "var": 1.0}.get(key[-1], 0.0)
+                np.testing.assert_array_equal(np.asarray(new_leaves[key])[:lo], old[keep_out])
+                np.testing.assert_array_equal(np.asarray(new_leaves[key])[lo:], fill)
+                channel_leaves += 1
+        assert channel_leaves == (1 if u.norm is None else 4 if u.norm == "batch" else 2)
         old_m, new_m = kernel_moments(state, u), kernel_moments(res.opt_state, res.graph[u.name])
         assert len(old_m) == len(new_m) == 1
         for path, old in old_m.items():
             new = np.asarray(new_m[path])
-            np.testing.assert_array_equal(new[:, :, :li, :lo], old[:, :, keep_in][..., keep_out])
-            assert not np.any(new[:, :, li:]) and not np.any(new[:, :, :, lo:])
+            np.testing.assert_array_equal(new[..., :li, :lo], old[..., keep_in, :][..., keep_out])
+            assert not np.any(new[..., li:, :]) and not np.any(new[..., lo:])
     keep_in = np.flatnonzero(live.inp[graph.classifier.name])
     np.testing.assert_array_equal(
         np.asarray(new_params[graph.classifier.name]["kernel"])[: len(keep_in)],
@@ -194,16 +212,17 @@ def test_new_inputs_exactly_where_producers_grew(rejuvenated):
         producers = {p for seg in u.inputs for p in seg[0]}
         assert (u.in_channels > u.in_split) == bool(producers & grown), u.name
     stem = res.graph.units[0]
-    assert stem.in_channels == stem.in_split == X.shape[-1]
+    image = math.prod(X.shape[1:]) if stem.dense else X.shape[-1]  # MLP: the flattened image
+    assert stem.in_channels == stem.in_split == image
 
 
 def test_same_key_same_result_and_purity(rejuvenated):
     """rejuvenate is a pure function of its inputs and its key (conventions.md 12)."""
-    case, variables, graph, tx, state, _, res = rejuvenated
+    case, variables, graph, tx, state, live, res = rejuvenated
     model = case.model()
     before = jax.tree.map(np.array, (variables, state))
-    again = nr_jax.rejuvenate(jax.random.key(3), model, variables, state, tx, graph)
-    other = nr_jax.rejuvenate(jax.random.key(4), model, variables, state, tx, graph)
+    again = nr_jax.rejuvenate(jax.random.key(3), model, variables, state, tx, graph, live=live)
+    other = nr_jax.rejuvenate(jax.random.key(4), model, variables, state, tx, graph, live=live)
     chex.assert_trees_all_equal((res.variables, res.opt_state), (again.variables, again.opt_state))
     assert res.model == again.model and res.graph == again.graph
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, (variables, state)), before)
@@ -221,7 +240,7 @@ def test_survivor_path_reproduces_old_network(rejuvenated):
     zeroed (method.md 4.1), through every residual sum and concatenation; the second head adds."""
     case, variables, _, _, _, live, res = rejuvenated
     reference = apply(
-        nr_jax.models.get(case.name, num_classes=CLASSES), zero_dead(variables, live), X
+        nr_jax.models.get(case.name, num_classes=CLASSES), mask_dead(variables, live), X
     )
     assert float(jnp.max(jnp.abs(reference))) > 1e-3  # the comparison is not vacuous
     out = apply(res.model, res.variables, X)
@@ -231,16 +250,26 @@ def test_survivor_path_reproduces_old_network(rejuvenated):
     chex.assert_trees_all_close(nr_jax.predict(out), out[:, 0] + out[:, 1])
 
 
-@pytest.mark.parametrize("case", [*CASES, Case("resnet_tiny_basic")], ids=str)
+# not the MLP: its first layer reads the flattened image, whose width never grows, and holds
+# almost every weight, so its cost is linear in its width: sqrt(1/U) spends about half the budget
+# and that layer is fully effective (tests/test_criteria.py::test_mlp_budget)
+BUDGET_CASES = [*(c for c in CASES if c.name != "mlp_tiny"), Case("resnet_tiny_basic")]
+
+
+@pytest.mark.parametrize("case", BUDGET_CASES, ids=str)
 def test_effective_params_at_quarter_utilization(case):
     """At U ~ 0.25 the sqrt rule restores the conv budget (floors: at most 15% under it) and keeps
     about half of the parameters effective (method.md 5.3: ~ (1 + (r-1)^2) U of the conv weights,
     plus BN and the head). BN and the second head grow with the widths: up to +10% in all."""
     model = case.model()
     graph = nr_jax.channel_graph(model, X.shape)
-    u, variables = gammas_at_utilization(host_variables(graph), graph, 0.25)
+    u, variables = gammas_at_utilization(
+        host_variables(graph), graph, 0.25, criterion=case.criterion
+    )
     assert 0.2 <= u <= 0.25
-    res = nr_jax.rejuvenate(jax.random.key(0), model, variables, None, optax.identity(), graph)
+    live = nr_jax.criteria.resolve(case.criterion)(variables, graph)
+    args = (jax.random.key(0), model, variables, None, optax.identity(), graph)
+    res = nr_jax.rejuvenate(*args, live=live)
     before, after = res.report.counts_before, res.report.counts_after
     assert before.effective == before.total
     assert 0.85 * before.conv <= after.conv <= before.conv

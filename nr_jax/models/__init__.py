@@ -108,4 +108,11 @@ def _refuse_keyword(
         refuse(f"model_kwargs.{key}", extra[key], f"a keyword of model {name!r}: one of {fields}")
 
 
-from nr_jax.models import densenet, resnet, vgg, vgg_imagenet  # noqa: E402,F401  (registration)
+from nr_jax.models import (  # noqa: E402,F401  (registration)
+    cnn,
+    densenet,
+    mlp,
+    resnet,
+    vgg,
+    vgg_imagenet,
+)
