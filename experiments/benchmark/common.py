@@ -111,12 +111,15 @@ def make_trainer(
     dataset: str = "fashion_mnist",
     batch: int | None = None,
     conv_weight_grad: str = "auto",
+    compute_dtype: str = "float32",
 ) -> tuple[Any, Any]:
-    """A `train.Trainer` of the base config for `model` (NR on or off), and its initial state."""
+    """A `train.Trainer` of the base config for `model` (NR on or off), and its initial state.
+
+    `compute_dtype` is `config.compute_dtype` ("bfloat16": mixed precision)."""
     c = base_config()
     c.model, c.dataset, c.batch_size = model, dataset, batch or FLAGS.batch
     c.nr.enabled, c.nr.scheme = nr, scheme
-    c.conv_weight_grad = conv_weight_grad
+    c.conv_weight_grad, c.compute_dtype = conv_weight_grad, compute_dtype
     trainer = train.Trainer(c, "")
     shape = nr_data.DATASET_INFO[dataset].image_shape
     state = train.init_state(trainer.model, trainer.tx, c, shape, jax.random.key(0))

@@ -26,12 +26,13 @@ from nr_jax import data as nr_data
 EFFICIENCY_FAMILIES = (("resnet20_cifar", "cifar10", None),)
 
 
-def matmul_peak(reps: int) -> dict:
-    """GFLOP/s of jitted float32 n x n matmuls: median and best repetition per n; the peak is the
-    best repetition of any n (the machine's speed drifts; a peak is what it can reach)."""
+def matmul_peak(reps: int, dtype: Any = jnp.float32, sizes: tuple[int, ...] = (1024, 2048)) -> dict:
+    """GFLOP/s of jitted n x n matmuls in `dtype` (random normal data) for each n of `sizes`:
+    median and best repetition per n; the peak is the best repetition of any n (the machine's
+    speed drifts; a peak is what it can reach)."""
     median, best = {}, {}
-    for n in (1024, 2048):
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         mm = jax.jit(lambda x: x @ x)
         mm(a).block_until_ready()
         ts = []
