@@ -5,9 +5,9 @@ What it has are its channels' outgoing weights: for channel c of a unit, the row
 of every consumer's kernel (units and the classifier) whose input channel i is c, through
 concatenations. A channel whose outgoing weights are all zero computes nothing that reaches the
 network's output. `norms` gives their L2 norm per channel (the "outgoing" liveness criterion,
-`nr_jax.criteria`); `input_factors` maps per-channel values back onto a consumer's input rows
-(the group-lasso pressure, `nr_jax.group_lasso`). A residual stream's channel is one group: its
-key is the frozenset of the units summed into it, as in the graph's input segments.
+`nr_jax.criteria`; the group-lasso pressure, `nr_jax.group_lasso`, shrinks them). A residual
+stream's channel is one channel: its key is the frozenset of the units summed into it, as in the
+graph's input segments.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
 from nr_jax.graph import INPUT, ChannelGraph, Unit
@@ -94,19 +93,3 @@ def unit_norms(params: Any, graph: ChannelGraph) -> dict[str, Array]:
         mine = [v for s, v in per_source.items() if u.name in s]
         out[u.name] = sum(mine[1:], mine[0]) if mine else xp.ones((u.out_channels,), xp.float32)
     return out
-
-
-def input_factors(
-    unit: Unit, per_source: Mapping[Source, Array], pressed: frozenset[Source], xp: Any = jnp
-) -> Array:
-    """Per input row of `unit`: the value of its channel in `per_source`, 0 where not `pressed`.
-
-    Returns shape (D_in,); rows from the image, or from a source outside `pressed`, are 0.
-    """
-    parts = []
-    for producers, start, stop in unit.inputs:
-        if producers in pressed:
-            parts.append(per_source[producers][start:stop])
-        else:
-            parts.append(xp.zeros((stop - start,), xp.float32))
-    return xp.concatenate(parts) if parts else xp.zeros((unit.in_channels,), xp.float32)

@@ -16,6 +16,7 @@ normalisation (BatchNorm, GroupNorm, LayerNorm: `ChannelGraph.l1_scale_paths`).
 For units without a scale, `group_lasso(graph, lam)` is the pressure (issue 16): λ times the
 L2 norm of each channel's outgoing weights (`nr_jax.outgoing`), whose gradient λ·w/‖w‖ shrinks
 a channel's whole group of weights at once; the "outgoing" liveness criterion reads the result.
+It depends on the graph's structure only, too.
 It keeps its λ in the same `L1State`, so `set_lambda`, `get_lambda` and the λ controllers work
 unchanged. `resolve(name, graph, lam)` picks a pressure by name ("l1", "group_lasso", "none").
 """
@@ -28,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nr_jax import outgoing
-from nr_jax.graph import ChannelGraph
+from nr_jax.graph import INPUT, ChannelGraph
 
 
 class L1State(NamedTuple):
@@ -72,17 +72,24 @@ def l1_bn_scales(graph: ChannelGraph, lam: float = 1e-4) -> optax.GradientTransf
 
 
 def group_lasso(graph: ChannelGraph, lam: float = 1e-4) -> optax.GradientTransformation:
-    """Group lasso on every prunable channel's outgoing weights: λ Σ_c ‖W_out(c)‖₂.
+    """Group lasso on the prunable channels' outgoing weights: λ Σ ‖W[..., i, :]‖₂.
 
-    The group of channel c of a non-fixed unit is every consumer kernel row that reads it
-    (through concatenations; a residual stream channel is one group when every unit summed into
-    it is prunable). The gradient of the penalty, λ·W/‖W_out(c)‖ (0 where the group is exactly
-    zero), is added to those rows' gradients; it moves the whole group toward zero, by λ·lr per
-    plain SGD step, without changing its direction. Goes first in the chain, like `l1_bn_scales`.
+    One group per consumer kernel row i that reads a channel of a non-fixed unit (a residual
+    stream's channel when every unit summed into it is prunable; never the image). For a
+    channel read by one consumer, as in every chain (VGG, `cnn_nobn_fmnist`, the MLP), that is
+    all of its outgoing weights; a channel read by several consumers (DenseNet's
+    concatenations) has a group in each and is dead when all of them are (the "outgoing"
+    criterion reads their combined norm). The gradient of the penalty, λ·W_i/‖W_i‖ (0 for an
+    exactly zero row), is added to the row's gradient: it moves the whole group toward zero, by
+    λ·lr per plain SGD step, without turning it. Goes first in the chain, like `l1_bn_scales`.
+
+    Which rows of a consumer are pressed is all or none in every registered family (it reads
+    only prunable units, or the image or fixed units): that does not depend on widths, so the
+    same `tx` serves after rejuvenation (and after a merge). A consumer that reads both kinds is
+    pressed by the graph's row offsets and then refuses other widths.
 
     Args:
-      graph: the model's channel graph; only its structure is used (the same `tx` serves after
-        rejuvenation, where the new units' inputs are laid out [survivors, new]).
+      graph: the model's channel graph; only its structure is used.
       lam: initial λ (>= 0), in `L1State` (`set_lambda`).
 
     Returns:
@@ -91,29 +98,45 @@ def group_lasso(graph: ChannelGraph, lam: float = 1e-4) -> optax.GradientTransfo
     if lam < 0:
         raise ValueError(f"group_lasso: lam must be >= 0, got {lam}")
     prunable = {u.name for u in graph.prunable}
-    pressed = frozenset(s for s in outgoing.sources(graph) if s <= prunable)
-    rows = {  # the kernels with pressed input rows, by "/"-joined parameter path
-        f"{v.name}/kernel": v for v in graph.all_units if any(s[0] in pressed for s in v.inputs)
-    }
+    consumers = {}  # "/"-joined kernel path -> (unit, the pressed flag of each input segment)
+    for v in graph.all_units:
+        flags = tuple(INPUT not in p and p <= prunable for p, _, _ in v.inputs)
+        if any(flags):
+            consumers[f"{v.name}/kernel"] = (v, flags)
 
     def init(params: Any) -> L1State:
         del params
         return L1State(lam=jnp.asarray(lam, jnp.float32))
 
+    def pressure(w: Any, unit: Any, flags: tuple[bool, ...]) -> Any:
+        """λ W_i / ‖W_i‖ on the pressed rows i of kernel `w` (..., D_in, D_out)."""
+        w = w.astype(jnp.float32)
+        axes = tuple(i for i in range(w.ndim) if i != w.ndim - 2)
+        norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True))
+        inverse = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+        if not all(flags):
+            if w.shape[-2] != unit.in_channels:
+                raise ValueError(
+                    f"group_lasso: unit {unit.name} reads pressed and unpressed channels and "
+                    f"its kernel has {w.shape[-2]} input rows, the graph {unit.in_channels}: "
+                    "build the group lasso for the current graph"
+                )
+            segments = zip(flags, unit.inputs, strict=True)
+            rows = jnp.concatenate(
+                [jnp.full((b - a,), f, jnp.float32) for f, (_, a, b) in segments]
+            )
+            inverse = inverse * rows.reshape((1,) * (w.ndim - 2) + (-1, 1))
+        return w * inverse
+
     def update(updates: Any, state: L1State, params: Any = None) -> tuple[Any, L1State]:
         if params is None:
             raise ValueError("group_lasso needs params: call tx.update(grads, state, params)")
-        inverse = {}  # 1 / ‖group‖ per channel source (0 for an exactly zero group)
-        for src, n in outgoing.norms(params, graph).items():
-            inverse[src] = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
 
         def add(path: tuple, g: Any, w: Any) -> Any:
             name = jax.tree_util.keystr(path, simple=True, separator="/")
-            if name not in rows:
+            if name not in consumers:
                 return g
-            f = outgoing.input_factors(rows[name], inverse, pressed)  # (D_in,)
-            f = f.reshape((1,) * (w.ndim - 2) + (-1, 1))
-            return g + (state.lam * w.astype(jnp.float32) * f).astype(g.dtype)
+            return g + (state.lam * pressure(w, *consumers[name])).astype(g.dtype)
 
         return jax.tree_util.tree_map_with_path(add, updates, params), state
 

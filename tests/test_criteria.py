@@ -352,28 +352,48 @@ def test_group_lasso_shrinks_whole_groups():
     assert float(nr_jax.get_lambda(nr_jax.set_lambda(state, 0.5))) == 0.5
 
 
-def test_group_lasso_groups_span_every_consumer():
-    """DenseNet: a channel read by several consumers is one group over all their rows."""
+def test_group_lasso_on_densenet_and_after_rejuvenation():
+    """DenseNet: the "outgoing" norm of a channel spans every consumer that reads it; the group
+    lasso presses each consumer row (Σ |update|² = the number of non-zero rows at λ = 1), and,
+    built for the old graph, presses the rejuvenated network exactly as one built for the new."""
     model = nr_jax.models.get("densenet_tiny", num_classes=10)
     graph = nr_jax.channel_graph(model, X.shape)
-    params = host_variables(graph)["params"]
-    per_source = outgoing.norms(params, graph)
-    total = 0.0
+    variables = host_variables(graph)
+    params = variables["params"]
+    flat = outgoing.flat_params(params)
+    total, n_rows = 0.0, 0
     for v in graph.all_units:
-        k = np.asarray(outgoing.kernel_of(outgoing.flat_params(params), v))
+        k = np.asarray(outgoing.kernel_of(flat, v))
         rows = np.sum(k**2, axis=tuple(i for i in range(k.ndim) if i != k.ndim - 2))
-        image = sum(stop - start for p, start, stop in v.inputs if nr_jax.graph.INPUT in p)
-        total += rows.sum() - (rows[:image].sum() if image else 0.0)
-    assert len([s for s in per_source if len(s) == 1]) == len(graph.units)
+        image = sum(z - a for p, a, z in v.inputs if nr_jax.graph.INPUT in p)
+        total += rows[image:].sum()
+        n_rows += int(np.sum(rows[image:] > 0))
+    per_source = outgoing.norms(params, graph)
+    assert len(per_source) == len(graph.units)  # every unit is read by someone
     np.testing.assert_allclose(
         sum(float(np.sum(n**2)) for n in per_source.values()), total, rtol=1e-5
     )
     tx = nr_jax.group_lasso(graph, 1.0)
-    upd, _ = jax.jit(tx.update)(jax.tree.map(np.zeros_like, params), tx.init(params), params)
-    # d/dW of Σ‖group‖: W / ‖group‖, so Σ over all pressed rows of |update|² = number of groups
-    n_groups = sum(int(np.sum(n > 0)) for n in per_source.values())
+    update = jax.jit(tx.update)
+    upd, _ = update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
     total_sq = sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(upd))
-    np.testing.assert_allclose(total_sq, n_groups, rtol=1e-4)
+    np.testing.assert_allclose(total_sq, n_rows, rtol=1e-4)
+    dead = shrink_outgoing(variables, graph, 0)
+    res = nr_jax.rejuvenate(
+        jax.random.key(0),
+        model,
+        dead,
+        None,
+        optax.identity(),
+        graph,
+        live=criteria.Outgoing()(dead, graph),
+    )
+    new = res.variables["params"]
+    zero = jax.tree.map(jnp.zeros_like, new)
+    old_tx, new_tx = tx, nr_jax.group_lasso(res.graph, 1.0)
+    got = jax.jit(old_tx.update)(zero, old_tx.init(new), new)[0]
+    want = jax.jit(new_tx.update)(zero, new_tx.init(new), new)[0]
+    chex.assert_trees_all_close(got, want)
 
 
 def test_mlp_budget():
@@ -390,3 +410,67 @@ def test_mlp_budget():
     rounded = nr_jax.rejuvenate(*args, live=live, allocation=nr_jax.rounded_allocation(1))
     assert 0.2 <= u <= 0.25 and 0.4 * budget <= sqrt <= 0.6 * budget
     assert abs(rounded.report.counts_after.conv - budget) <= 0.01 * budget
+
+
+@pytest.mark.parametrize(
+    ("name", "pressure", "criterion"),
+    [("cnn_nobn_tiny", "group_lasso", "outgoing"), ("mlp_tiny", "none", "dormancy")],
+)
+def test_trains_through_one_rejuvenation_with_one_trace_per_width(name, pressure, criterion):
+    """The BN-free CNN (group lasso, "outgoing") and the MLP (no pressure, "dormancy") train,
+    rejuvenate and train on: one trace per width configuration, both heads learning, all finite.
+    (The trainer takes these once it reads `nr.criterion` / `nr.pressure`.)"""
+    model = nr_jax.models.get(name, num_classes=10)
+    graph = nr_jax.channel_graph(model, X.shape)
+    variables = jax.jit(lambda k: model.init(k, X, train=False))(jax.random.key(0))
+    tx = optax.chain(nr_jax.sparsity.resolve(pressure, graph, 1e-2), optax.sgd(0.05, 0.9))
+    traces = []
+
+    def make_step(model):
+        @jax.jit
+        def step(variables, opt_state, x, y):
+            traces.append(model.widths)
+
+            def loss_fn(params):
+                out = model.apply({**variables, "params": params}, x, train=True)
+                return nr_jax.nr_loss(out, y)
+
+            loss, grads = jax.value_and_grad(loss_fn)(variables["params"])
+            updates, opt_state = tx.update(grads, opt_state, variables["params"])
+            return {**variables, "params": optax.apply_updates(variables["params"], updates)}, (
+                opt_state,
+                loss,
+            )
+
+        return step
+
+    y = jnp.arange(X.shape[0]) % 10
+    opt_state, step = tx.init(variables["params"]), make_step(model)
+    for _ in range(2):
+        variables, (opt_state, loss) = step(variables, opt_state, X, y)
+    host = jax.device_get(variables)
+    if criterion == "outgoing":
+        host = shrink_outgoing(host, graph, seed=0)
+        live = criteria.Outgoing()(host, graph)
+    else:  # neurons that never fire
+        flat = outgoing.flat_params(jax.tree.map(np.array, host["params"]))
+        for u in graph.units:
+            flat[(*u.path, "bias")][::3] = -100.0
+        host = {**host, "params": _unflat(flat)}
+        live = criteria.Dormancy()(host, graph, criteria.activity(model, host, X))
+    rule = nr_jax.rounded_allocation(1)  # the budget (sqrt(1/U) under-spends the MLP's)
+    args = (jax.random.key(1), model, host, opt_state, tx, graph)
+    res = nr_jax.rejuvenate(*args, live=live, allocation=rule)
+    assert all(u.out_channels > u.out_split for u in res.graph.units)
+    variables, opt_state = res.variables, nr_jax.set_lambda(res.opt_state, 0.0)
+    step = make_step(res.model)
+    before = np.asarray(variables["params"]["head"]["kernel"])
+    for _ in range(2):
+        variables, (opt_state, loss) = step(variables, opt_state, X, y)
+    assert len(traces) == 2 and traces[0] != traces[1]
+    assert np.isfinite(float(loss))
+    chex.assert_tree_all_finite(variables)
+    after = np.asarray(variables["params"]["head"]["kernel"])
+    split = res.graph.classifier.in_split
+    assert not np.array_equal(before[:split], after[:split])  # the old head learns
+    assert not np.array_equal(before[split:], after[split:])  # and the new one
