@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 _STATE, _META = "state", "meta"
 _FORMAT_VERSION = 2  # 1: the hand-flattened layout of earlier versions
+_PRIMARY = 0  # the process that commits, prunes and cleans up in a multi-process job
 
 
 class CheckpointError(RuntimeError):
@@ -182,7 +183,12 @@ class Checkpointer:
 
     Shapes may differ between steps: the caller rebuilds the abstract target from ``meta``. One
     writer per directory: its first save removes unfinished saves' temporary directories (also
-    those of a save that failed midway); a ``Checkpointer`` that only reads changes nothing.
+    those of a save that failed midway); a ``Checkpointer`` that only reads changes nothing. In a
+    multi-process job (``jax.distributed``) every process opens one on the shared directory and
+    calls every method in the same order (``save`` and ``restore`` are collective); process 0
+    commits, prunes, cleans up and writes the file table, so no process deletes what another
+    writes. Restored arrays take the shardings of the abstract target (replicated over the
+    job's mesh, for a trainer's state).
 
     Args:
         directory: Root directory holding one sub-directory per step; created on the first save.
@@ -223,10 +229,11 @@ class Checkpointer:
             enable_async_checkpointing=False,
             create=False,  # nothing on disk before the first save
             cleanup_tmp_directories=cleanup,
-            # Multi-process (not supported yet): orbax removes temporary directories and old steps
-            # on the primary host only. Several processes writing one shared directory would set
-            # `multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0)` here
-            # (`primary_host=None` where each host writes its own local storage).
+            # A multi-process job writes one shared directory: every process calls save (each
+            # writes the shards it holds; of a replicated array the first replica's) and restore;
+            # process 0 alone creates and renames the step directory, removes temporary
+            # directories and prunes old steps, after barriers orbax places around each of them.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=_PRIMARY),
         )
         items = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager(self._directory, options=options, item_handlers=items)
@@ -269,7 +276,8 @@ class Checkpointer:
         # force: orbax would otherwise skip a step <= its latest one.
         if not self._manager.save(step, args=args, force=True):
             raise CheckpointError(f"orbax declined to save step {step} in {self._directory}")
-        file_table.write(self._step_dir(step), _STATE)
+        if jax.process_index() == _PRIMARY:  # once, by the process that committed the step
+            file_table.write(self._step_dir(step), _STATE)
         self._on_save("end", step, self._directory)
 
     def all_steps(self) -> list[int]:

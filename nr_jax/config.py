@@ -90,7 +90,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.conv_weight_grad = "auto"
     c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off)
     c.data_parallel = True  # shard the batch over all devices (jax.sharding Mesh), state replicated
-    c.distributed = False  # multi-host: jax.distributed.initialize() first (env: coordinator, ids)
+    # several processes (hosts) form one job: jax.distributed.initialize() before anything else
+    # (nr_jax.multihost.start); a field left unset ("" / 0 / -1) is detected by jax (TPU pods,
+    # SLURM, Open MPI). On CPU the processes' collectives use jax_cpu_collectives_implementation
+    # (gloo, jax's default).
+    c.distributed = False
+    c.coordinator_address = ""  # "host:port" of process 0's coordinator service ("" = detected)
+    c.coordinator_bind_address = ""  # where process 0's service listens ("" = [::]:port, all)
+    c.num_processes = 0  # processes in the job (0 = detected)
+    c.process_id = -1  # this process's id, 0 .. num_processes - 1 (-1 = detected)
+    # a process silent this long (killed, its host lost) is declared dead: the others stop
+    c.heartbeat_timeout_seconds = 100  # (exit status non-zero; jax's default)
+    # a process at its end waits this long for the others; past it every process stops, so one
+    # that failed alone (the others blocked in a collective) stops the job within this time
+    c.shutdown_timeout_seconds = 120  # (jax's default: 300)
     c.log_every_steps = 50
     c.progress = True  # progress bar
     c.tensorboard = True
@@ -171,9 +184,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = config[field]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             refuse(field, value, "an integer >= 1")
+    _validate_distributed(config)
     import jax
 
-    if config.data_parallel:
+    # the devices of a job that has not started yet are unknown (and asking jax for them now
+    # would start its backend before jax.distributed): train_and_evaluate checks after the start
+    job_pending = config.distributed and not jax.distributed.is_initialized()
+    if config.data_parallel and not job_pending:
         n = jax.device_count()
         for field in ("batch_size", "eval_batch_size"):
             if config[field] % n:
@@ -242,3 +259,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     b = nr.recompute_bn_batches
     if not isinstance(b, int) or isinstance(b, bool) or b < 0:
         refuse("nr.recompute_bn_batches", b, "an integer >= 0 (0 = off)")
+
+
+def _validate_distributed(config: ml_collections.ConfigDict) -> None:
+    """The multi-process fields: types and ranges, and unset unless `config.distributed`."""
+    if not isinstance(config.distributed, bool):
+        refuse("distributed", config.distributed, "True or False")
+    for field in ("coordinator_address", "coordinator_bind_address"):
+        address = config[field]
+        host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+        if address != "" and not (host and port.isdigit() and 0 < int(port) < 65536):
+            refuse(field, address, "'host:port' (port 1-65535) or '' (detected)")
+    n, i = config.num_processes, config.process_id
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        refuse("num_processes", n, "an integer >= 1, or 0 (detected)")
+    if not isinstance(i, int) or isinstance(i, bool) or i < -1 or (n and i >= n):
+        refuse("process_id", i, f"an integer in [0, {n or 'num_processes'}), or -1 (detected)")
+    for field in ("heartbeat_timeout_seconds", "shutdown_timeout_seconds"):
+        t = config[field]
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+            refuse(field, t, "an integer >= 1 (seconds)")
+    if not config.distributed:
+        unset = {"coordinator_address": "", "coordinator_bind_address": "", "num_processes": 0}
+        for field, value in {**unset, "process_id": -1}.items():
+            if config[field] != value:
+                refuse(field, config[field], f"{value!r} unless config.distributed = True")

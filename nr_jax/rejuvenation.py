@@ -118,7 +118,10 @@ def rejuvenate_state(
         threshold=nr.threshold,
         dead_threshold=nr.dead_threshold,
     )
-    args = (key, model, state.variables, state.opt_state, tx, graph)
+    # host copies: the surgery is numpy work, and in a multi-process job the state's arrays span
+    # other processes' devices (the trainer replicates the new state again)
+    host = jax.device_get((state.variables, state.opt_state))
+    args = (key, model, *host, tx, graph)
     if nr.regrow:
         res = rejuvenate(*args, allocation=allocation_rule(config), new_gamma=nr.new_gamma, **rules)
     else:

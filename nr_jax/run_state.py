@@ -99,9 +99,15 @@ def restore_run(trainer: Any, ckpt: Checkpointer) -> tuple[TrainState, list, int
         widths = WidthSpec.from_json(meta["widths"])
         if widths != trainer.model.widths:
             trainer.set_widths(widths)
-        t = trainer
-        key = jax.random.key(0)
-        return jax.eval_shape(lambda: init_state(t.model, t.tx, t.config, t.info.image_shape, key))
+        t, key = trainer, jax.random.key(0)
+        shapes = jax.eval_shape(
+            lambda: init_state(t.model, t.tx, t.config, t.info.image_shape, key)
+        )
+        if t.mesh is None:
+            return shapes
+        # restored straight into the replicated arrays the steps take, on every process's devices
+        rep = jax.sharding.NamedSharding(t.mesh, jax.sharding.PartitionSpec())
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
     try:
         restored, meta, step = ckpt.restore(abstract)

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from nr_jax import data as nr_data
-from nr_jax import models
+from nr_jax import models, multihost
 from nr_jax.callbacks import Callbacks
 from nr_jax.checkpoint import Checkpointer
 from nr_jax.config import ConfigError, validate
@@ -120,10 +120,11 @@ class Trainer:
         self.steps = self._steps()
 
     def place(self, state: TrainState) -> TrainState:
-        """Puts the state where the steps expect it (replicated over the mesh, if any)."""
+        """Puts the state where the steps expect it (replicated over the mesh, if any, on the
+        devices of every process: `nr_jax.multihost.replicate`)."""
         if self.mesh is None:
             return state
-        return jax.device_put(state, NamedSharding(self.mesh, P()))
+        return multihost.replicate(state, NamedSharding(self.mesh, P()))
 
     def set_widths(self, widths: WidthSpec) -> None:
         self.model = self.model.clone(widths=widths)
@@ -153,13 +154,6 @@ class Trainer:
         return self.place(rescale_state(state, self.graph, self.config))
 
 
-def _distributed_ready() -> bool:
-    try:
-        return jax.distributed.is_initialized()
-    except AttributeError:  # pragma: no cover - older jax
-        return False
-
-
 @dataclasses.dataclass
 class _Run:
     """The objects of one `train_and_evaluate` call."""
@@ -186,8 +180,7 @@ def train_and_evaluate(
     (`checkpoints/`, resumed automatically), `rejuvenation.json` and `summary.json`.
     `callbacks` (`nr_jax.callbacks.Callbacks`) are called at fixed points of the run.
     """
-    if config.distributed and not _distributed_ready():
-        jax.distributed.initialize()  # coordinator, process count and id from the environment
+    multihost.start(config)  # several processes: one jax.distributed job, before any device
     validate(config)
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)

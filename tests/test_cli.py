@@ -84,6 +84,11 @@ CASES = {
     "zero_batch": Case(main("--config.batch_size=0"), "config.batch_size = 0 is not allowed"),
     "optimizer": Case(main("--config.optimizer=lion"), "config.optimizer = 'lion' is not allowed"),
     "target": Case(main("--config.nr.target=1.5"), "config.nr.target = 1.5 is not allowed"),
+    # a multi-process job's fields, refused before jax.distributed would wait for the job
+    "process_id": Case(
+        main("--config.distributed=True", "--config.num_processes=2", "--config.process_id=2"),
+        "config.process_id = 2 is not allowed: an integer in [0, 2)",
+    ),
     # names, resolved by their registries when the trainer is built
     "model_name": Case(main("--config.model=resnet9000"), "config.model = 'resnet9000'"),
     "dataset_name": Case(main("--config.dataset=mnist3d"), "config.dataset = 'mnist3d'"),
@@ -135,6 +140,7 @@ SLOW = {
     "zero_batch",
     "optimizer",
     "target",
+    "process_id",
     "dataset_name",
     "scheme",
     "allocation",
