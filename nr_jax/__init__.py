@@ -32,7 +32,9 @@ from nr_jax.layers import (
     set_conv_weight_grad,
 )
 from nr_jax.live import Counts, Liveness, Utilization, count, liveness, utilization
+from nr_jax.merging import Merged, merge
 from nr_jax.planning import Plan, UnitPlan, plan
+from nr_jax.slimming import prune
 from nr_jax.sparsity import (
     L1State,
     adapt_lambda,
@@ -47,8 +49,19 @@ __version__ = "0.1.0"
 
 # Submodules loaded on first attribute access, so `import nr_jax` stays light: after
 # `import nr_jax`, `nr_jax.train.train_and_evaluate(...)` works without importing it first.
-_LAZY_SUBMODULES = ("callbacks", "checkpoint", "config", "controller", "data", "metrics", "plots",
-                    "rejuvenation", "rescale", "steps", "train")
+_LAZY_SUBMODULES = (
+    "callbacks",
+    "checkpoint",
+    "config",
+    "controller",
+    "data",
+    "metrics",
+    "plots",
+    "rejuvenation",
+    "rescale",
+    "steps",
+    "train",
+)
 
 
 def __getattr__(name: str):
@@ -61,6 +74,7 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 
 __all__ = [
     "ALLOCATIONS",
@@ -95,6 +109,9 @@ __all__ = [
     "integer_allocation",
     "l1_bn_scales",
     "liveness",
+    "merge",
+    "Merged",
+    "prune",
     "models",
     "nr_loss",
     "Plan",

@@ -67,6 +67,12 @@ def base_config() -> ml_collections.ConfigDict:
     # at the decision: True = rejuvenate (NR); False = the Network Slimming control
     # (nr_jax.slimming.prune: dead channels dropped, nothing widened or added, one classifier)
     c.nr.regrow = True
+    # repeated rejuvenation (beyond the paper, issue 16): `cycles` rejuvenations; after each but
+    # the last, `cycle_epochs` epochs of training, then the network is merged back into an
+    # ordinary one (nr_jax.merge), λ comes back on and the search starts again; the LR schedule
+    # restarts at each rejuvenation and the last cycle trains the full `epochs`
+    c.nr.cycles = 1
+    c.nr.cycle_epochs = 0
     # during the search, also evaluate the validation split with BN statistics recomputed over
     # this many training batches (metric val_bn_accuracy_sum; the eval-lag check; 0 = off)
     c.nr.recompute_bn_batches = 0
@@ -256,6 +262,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         refuse("nr.regrow", nr.regrow, "True (rejuvenate) or False (the slimming control)")
     if not nr.regrow and nr.rescale_target > 0:
         refuse("nr.rescale_target", nr.rescale_target, "0 with nr.regrow = False (no new channels)")
+    if not isinstance(nr.cycles, int) or isinstance(nr.cycles, bool) or nr.cycles < 1:
+        refuse("nr.cycles", nr.cycles, "an integer >= 1 (rejuvenations)")
+    if nr.cycles > 1:
+        ce = nr.cycle_epochs
+        if not isinstance(ce, int) or isinstance(ce, bool) or ce < 1:
+            refuse("nr.cycle_epochs", ce, "an integer >= 1 with nr.cycles > 1")
+        if nr.scheme != "removed":
+            refuse("nr.scheme", nr.scheme, "'removed' with nr.cycles > 1 (only it merges)")
+        if not nr.regrow or nr.compress_only or nr.rescale_target > 0:
+            refuse("nr.cycles", nr.cycles, "1 with nr.regrow = False, compress_only or rescaling")
     b = nr.recompute_bn_batches
     if not isinstance(b, int) or isinstance(b, bool) or b < 0:
         refuse("nr.recompute_bn_batches", b, "an integer >= 0 (0 = off)")

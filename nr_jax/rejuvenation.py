@@ -21,10 +21,11 @@ import optax
 
 from nr_jax.allocation import Allocation
 from nr_jax.allocation import resolve as resolve_allocation
-from nr_jax.controller import REJUVENATE, SEARCH, decide
+from nr_jax.controller import REJUVENATE, SEARCH, decide, end_of_cycle
 from nr_jax.graph import ChannelGraph
 from nr_jax.layers import MASKS
 from nr_jax.live import liveness, utilization
+from nr_jax.merging import Merged, merge
 from nr_jax.slimming import prune
 from nr_jax.sparsity import get_lambda, set_lambda
 from nr_jax.steps import TrainState
@@ -99,6 +100,37 @@ def search_epoch_end(
     }
     event["rejuvenation"] = res.report
     return state, event, res
+
+
+def cycle_epoch_end(
+    state: TrainState,
+    model: Any,
+    graph: ChannelGraph,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict[str, Any], Merged | None]:
+    """After a rejuvenated epoch: the end of a cycle (`nr.cycles` > 1), when it is due.
+
+    The network is merged back into an ordinary one (`nr_jax.merge`: the function unchanged), λ
+    comes back on (`nr.lam`) and the controller searches again. Returns the new state, an event
+    dict (`merged`: the cycle that ended) and the `Merged` or None.
+    """
+    ctrl, due = end_of_cycle(state.controller, state.epoch, config)
+    if not bool(due):
+        return state, {}, None
+    # host copies, as for the rejuvenation: in a multi-process job the arrays span processes
+    variables, opt_state = jax.device_get((state.variables, state.opt_state))
+    res = merge(model, variables, opt_state, tx, graph)
+    v = res.variables
+    state = state.replace(
+        params=v["params"],
+        batch_stats=v["batch_stats"],
+        masks=v[MASKS],
+        opt_state=set_lambda(res.opt_state, config.nr.lam),
+        controller=ctrl,
+    )
+    log.info("cycle %d ended: merged into an ordinary network, searching again", int(ctrl.cycle))
+    return state, {"merged": int(ctrl.cycle)}, res
 
 
 def rejuvenate_state(

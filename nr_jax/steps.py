@@ -21,7 +21,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from nr_jax.controller import SEARCH, ControllerState, init_controller, steer_lambda
+from nr_jax.controller import (
+    SEARCH,
+    ControllerState,
+    init_controller,
+    schedule_epoch,
+    steer_lambda,
+)
 from nr_jax.graph import ChannelGraph
 from nr_jax.heads import head_logits, nr_loss
 from nr_jax.layers import BN_MOMENTUM, MASKS
@@ -85,9 +91,10 @@ def make_optimizer(
 def learning_rate(config: ml_collections.ConfigDict, state: TrainState) -> jax.Array:
     """Step decay on the epochs since the search ended (the official epoch extension).
 
-    The search epochs (`state.controller.search_epochs`) do not consume the schedule.
+    The search epochs (`state.controller.search_epochs`) do not consume the schedule; with
+    several cycles it restarts at each rejuvenation (`nr_jax.controller.schedule_epoch`).
     """
-    e = (state.epoch - state.controller.search_epochs).astype(jnp.float32)
+    e = schedule_epoch(state.controller, state.epoch, config).astype(jnp.float32)
     drops = sum(jnp.where(e >= m, 1.0, 0.0) for m in config.lr_milestones)
     return jnp.asarray(config.lr, jnp.float32) * jnp.asarray(config.lr_gamma, jnp.float32) ** drops
 
@@ -211,8 +218,11 @@ class Steps:
             )
             util = utilization(live, self.graph, nr.resource).ratio
             lam = get_lambda(opt_state)
-            if nr.lam_control == "steps":  # the search's steps are the run's first
-                steered = steer_lambda(lam, util, new.step, self.config, self.steps_per_epoch)
+            if nr.lam_control == "steps":
+                # steps of this cycle's search: whole search epochs, then this epoch's steps
+                spe, ctrl = self.steps_per_epoch, state.controller
+                search_step = ctrl.cycle_search_epochs * spe + (new.step - state.epoch * spe)
+                steered = steer_lambda(lam, util, search_step, self.config, spe)
                 lam = jnp.where(state.controller.phase == SEARCH, steered, lam)
                 new = new.replace(opt_state=set_lambda(opt_state, lam))
             metrics["lambda"], metrics["utilization"] = lam, util

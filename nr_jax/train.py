@@ -34,7 +34,13 @@ from nr_jax.controller import REJUVENATED, SEARCH, phase_name, total_epochs
 from nr_jax.graph import channel_graph
 from nr_jax.layers import WidthSpec
 from nr_jax.metrics import MetricWriter, format_record, log_widths, summarize
-from nr_jax.rejuvenation import allocation_name, allocation_rule, rescale_state, search_epoch_end
+from nr_jax.rejuvenation import (
+    allocation_name,
+    allocation_rule,
+    cycle_epoch_end,
+    rescale_state,
+    search_epoch_end,
+)
 from nr_jax.run_state import check_resumable, checkpoint_meta, restore_run
 from nr_jax.steps import (
     Steps,
@@ -138,13 +144,21 @@ class Trainer:
         configuration's steps, and neural rescaling in the one-pass flow. Returns the state and
         the event dict (`utilization`, `lam`, `search_timeout`, `rejuvenation`, `gammas`).
         """
+        nr = self.config.nr
+        if int(state.controller.phase) == REJUVENATED and nr.cycles > 1:
+            state, event, merged = cycle_epoch_end(
+                state, self.model, self.graph, self.tx, self.config
+            )
+            if merged is not None:  # an ordinary network again: its own steps
+                self.model, self.graph = merged.model, merged.graph
+                self.steps = self._steps()
+            return self.place(state), event
         state, event, res = search_epoch_end(
             state, self.model, self.graph, self.tx, self.config, key
         )
         if res is not None:
             self.model, self.graph = res.model, res.graph
             self.steps = self._steps()
-            nr = self.config.nr
             if nr.rescale_target > 0 and not nr.compress_only:
                 state = rescale_state(state, self.graph, self.config)  # the one-pass flow
         return self.place(state), event
@@ -152,6 +166,12 @@ class Trainer:
     def maybe_rescale(self, state: TrainState) -> TrainState:
         """Neural rescaling (method.md 4.4), once, after rejuvenation; preserves the function."""
         return self.place(rescale_state(state, self.graph, self.config))
+
+
+def run_epochs(state: TrainState, config: ml_collections.ConfigDict) -> int:
+    """The run's epochs as known now (`nr_jax.controller.total_epochs` with the run's cycles)."""
+    nr = config.nr
+    return total_epochs(state.controller, config.epochs, nr.cycle_epochs, nr.cycles)
 
 
 @dataclasses.dataclass
@@ -188,7 +208,7 @@ def train_and_evaluate(
     t_start = time.time()
     run, state, position, partial, data_state = _open(config, workdir, callbacks or Callbacks())
     try:
-        while int(state.epoch) < total_epochs(state.controller, config.epochs):
+        while int(state.epoch) < run_epochs(state, config):
             state, stop = _epoch(run, state, position, partial, data_state)
             position, partial, data_state = 0, {}, None
             if stop:
@@ -254,9 +274,8 @@ def _epoch(
     """
     trainer, epoch = run.trainer, int(state.epoch)
     state, train_metrics = _train_epoch(run, state, epoch, position, partial, data_state)
-    final = int(state.controller.phase) != SEARCH and epoch + 1 >= total_epochs(
-        state.controller, run.config.epochs
-    )  # validation runs evaluate the test set at the final and the best-validation epochs only
+    # validation runs evaluate the test set at the final and the best-validation epochs only
+    final = int(state.controller.phase) != SEARCH and epoch + 1 >= run_epochs(state, run.config)
     eval_metrics, run.best = evaluate_epoch(
         trainer.steps, state, run.data, epoch + 1, final, run.best, run.callbacks.on_eval_batch
     )
@@ -274,6 +293,9 @@ def _epoch(
     if "utilization" in event:
         record["epoch_utilization"] = event["utilization"]
         record["lambda_next"] = event["lam"]
+    if "merged" in event:  # a cycle ended: an ordinary network, searched again
+        record["merged"] = event["merged"]
+        log_widths(trainer.graph, f"after merging cycle {event['merged']}")
     if "rejuvenation" in event:
         record["rejuvenated"] = True
         _rejuvenated(run, epoch, event)
@@ -344,7 +366,7 @@ def _train_epoch(
         opt_state=set_learning_rate(state.opt_state, learning_rate(config, state))
     )
     batches = data.train_iterator(epoch, data_state)
-    total = total_epochs(state.controller, config.epochs)
+    total = run_epochs(state, config)
     bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{total}", config.progress, start)
     sums, window, step = dict(sums or {}), [], int(state.step)
     for i, batch in enumerate(batches, start):

@@ -270,3 +270,13 @@ def test_width_multiplier_through_the_config():
     for bad in (0, -1.0, "2x", True):
         with pytest.raises(ConfigError, match=r"config\.model_kwargs\.width_multiplier"):
             models.get("vgg_tiny", width_multiplier=bad)
+
+
+def test_the_cycles_arm_is_beside_the_table():
+    c = eval_table.get_config("nr_cycles", "vgg", 0)
+    c.data_parallel = False
+    validate(c)
+    assert (c.nr.cycles, c.nr.cycle_epochs) == (2, eval_table.CYCLE_EPOCHS)
+    assert "nr_cycles" not in eval_table.ARMS
+    runs = evaluate.plan("cycles", ["vgg"], ["nr_cycles"], [0])
+    assert [r.name for r in runs] == ["vgg_nr_cycles_s0"]

@@ -8,7 +8,7 @@ import pytest
 from helpers import apply, init, random_gammas
 
 import nr_jax
-from nr_jax.merge import merge
+from nr_jax.merging import merge
 
 XV = jax.random.normal(jax.random.key(7), (4, 16, 16, 3))
 

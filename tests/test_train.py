@@ -103,13 +103,16 @@ def test_learning_rate_follows_epochs_since_search():
     trainer = train.Trainer(config, workdir="")
     state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
 
-    def lr(epoch, offset):
-        ctrl = state.controller._replace(search_epochs=jnp.int32(offset))
+    def lr(epoch, offset, phase=controller.REJUVENATED):
+        ctrl = state.controller._replace(
+            search_epochs=jnp.int32(offset), phase=jnp.int32(phase), cycle=jnp.int32(1)
+        )
         return float(
             train.learning_rate(config, state.replace(epoch=jnp.int32(epoch), controller=ctrl))
         )
 
-    assert lr(5, 5) == pytest.approx(0.1)  # still searching: the schedule has not started
+    assert lr(9, 5, controller.SEARCH) == pytest.approx(0.1)  # searching: no schedule yet
+    assert lr(5, 5) == pytest.approx(0.1)  # the schedule starts after the search
     assert lr(6, 5) == pytest.approx(0.1)
     assert lr(7, 5) == pytest.approx(0.01)
     assert lr(9, 5) == pytest.approx(0.001)

@@ -26,6 +26,9 @@ the same arch and seed, for the arms that depend on it):
     widths, `nr_jax.slimming.prune`), λ 0, the schedule restarted, E epochs. The driver branches
     it from the NR run's last checkpoint before its rejuvenation (`search_checkpoint/`), so the
     search is not trained twice (the replay from there is bit-identical).
+  * `nr_cycles` (beside the table: `--table cycles --archs vgg --arms nr_cycles --seeds 0`): NR
+    with two rejuvenations (`nr.cycles = 2`): 5 epochs after the first, then merged back into an
+    ordinary network and searched again; the last cycle trains the E epochs.
   * `sweep:<name>`: the base NR setting with one factor changed (`SWEEP`), VGG only, one seed,
     validation only (the driver strips test figures from sweep result files).
 """
@@ -45,6 +48,8 @@ E = 15  # epochs after the search (the baseline's schedule length)
 MILESTONES = (8, 12)  # LR x0.1 at these epochs after the search
 TRAIN_IMAGES, VAL_IMAGES = 25_000, 5_000
 ARMS = ("nr", "nr_official", "baseline_E", "baseline_Ek", "baseline_compute", "slimming")
+EXTRA_ARMS = ("nr_cycles",)  # own result files beside the table; not in the default --arms
+CYCLE_EPOCHS = 5
 DEPENDS_ON_NR = ("baseline_Ek", "baseline_compute", "slimming")
 NOT_DONE: dict[str, str] = {}  # arms not built yet (left out of a plan with a warning)
 # one factor at a time from the base setting (the base itself is `sweep:base`), in the order
@@ -144,6 +149,9 @@ def get_config(
         return _baseline(c, compute_matched_k(nr_result))
     if arm == "slimming":
         c.nr.regrow = False
+        return c
+    if arm == "nr_cycles":
+        c.nr.cycles, c.nr.cycle_epochs = 2, CYCLE_EPOCHS
         return c
     raise ValueError(f"arm must be one of {ARMS} or 'sweep:<name>', got {arm!r}")
 

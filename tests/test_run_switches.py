@@ -1,4 +1,5 @@
-"""The Network Slimming control (`nr_jax.slimming.prune`) and the run switches of issue 14."""
+"""The run switches beyond the paper: the slimming control (`nr_jax.slimming.prune`), the
+within-epoch λ controller, the eval-lag check (issue 14) and repeated rejuvenation (issue 16)."""
 
 import json
 import os
@@ -115,3 +116,29 @@ def test_driver_branches_the_slimming_control_from_the_nr_search(tmp_path, monke
     assert b["widths"] != a["widths"]
     reju = json.loads((slim.workdir(table.runs_root) / "rejuvenation.json").read_text())
     assert all(w == max(reju["survivors"][u], 1) for u, w in reju["widths_after"].items())
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="needs dataset-fashion-mnist")
+def test_two_cycles_end_to_end(tmp_path):
+    """Search, rejuvenate, train a cycle, merge, search again, rejuvenate, train the schedule."""
+    config = tiny(cycles=2, cycle_epochs=1)
+    config.val_size = 0
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "epoch/epoch" in r]
+    rejuvenated = [r["epoch/epoch"] for r in epochs if r.get("epoch/rejuvenated")]
+    merged = [r["epoch/epoch"] for r in epochs if "epoch/merged" in r]
+    assert len(rejuvenated) == 2 and merged == [rejuvenated[0] + 1]
+    # one trace per width configuration: start, rejuvenated, merged, rejuvenated again
+    assert summary["traces"]["train"] == 4
+    assert summary["epochs_run"] == summary["search_epochs"] + 1 + config.epochs
+    # the LR schedule restarts at each rejuvenation: base LR right after both
+    lrs = {r["epoch/epoch"]: r["epoch/train_lr"] for r in epochs}
+    assert lrs[rejuvenated[0] + 1] == lrs[rejuvenated[1] + 1] == pytest.approx(config.lr)
+    # the budget of the second rejuvenation is the first's (allocated conv weights)
+    model = nr_jax.models.get("vgg_tiny", num_classes=10)
+    start = nr_jax.count(nr_jax.channel_graph(model, (1, 28, 28, 1))).conv
+    reju = json.loads((tmp_path / "rejuvenation.json").read_text())  # the second one
+    for counts in (reju["counts_before"], reju["counts_after"]):  # the budget kept
+        assert abs(counts["conv"] - start) <= 0.05 * start
