@@ -414,7 +414,10 @@ def test_mlp_budget():
 
 @pytest.mark.parametrize(
     ("name", "pressure", "criterion"),
-    [("cnn_nobn_tiny", "group_lasso", "outgoing"), ("mlp_tiny", "none", "dormancy")],
+    [
+        pytest.param("cnn_nobn_tiny", "group_lasso", "outgoing", marks=pytest.mark.slow),
+        ("mlp_tiny", "none", "dormancy"),
+    ],
 )
 def test_trains_through_one_rejuvenation_with_one_trace_per_width(name, pressure, criterion):
     """The BN-free CNN (group lasso, "outgoing") and the MLP (no pressure, "dormancy") train,
