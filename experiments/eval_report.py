@@ -28,14 +28,12 @@ from typing import Any
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
 COLLAPSE_POINTS = 5.0  # issue 14: eval-mode validation accuracy > 5 points below the baseline's
 
-flags.DEFINE_string("table", "sweep", "Table name: experiments/results/<table>/.")
-flags.DEFINE_string("results_dir", str(ROOT / "experiments" / "results"), "Results root.")
-flags.DEFINE_string("runs_dir", str(ROOT / "runs"), "Run directories (for per-step series).")
+# the driver's --table, --results_dir and --runs_dir (one definition: both modules may be loaded)
+flags.adopt_module_key_flags(evaluate)
 flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
