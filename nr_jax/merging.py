@@ -95,10 +95,10 @@ def merge(
     for u in graph.all_units:
         path = (*u.path, "kernel")
         order = _input_order(u.inputs, plain[u.name].inputs)
-        if order is not None:
-            ax = Axis(len(order), order)
-            axes[path] = (ax, None) if u.kind == "classifier" else (None, None, ax, None)
-            new[("params", *path)] = carry(flat[("params", *path)], axes[path])
+        if order is not None:  # kernels are [..., D_in, D_out] (conv, dense and classifier)
+            kernel = flat[("params", *path)]
+            axes[path] = (None,) * (kernel.ndim - 2) + (Axis(len(order), order), None)
+            new[("params", *path)] = carry(kernel, axes[path])
         if u.kind == "classifier" and getattr(model, "bias_in_both_heads", False):
             bias = ("params", *u.path, "bias")
             new[bias] = 2 * flat[bias]  # z_old + z_new counted the bias twice
