@@ -230,15 +230,15 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> Path:
         b.plot([m / 1e15 for m in macs], err, style, label=r["run"], lw=1.2)
     a.set(xlabel="epoch", ylabel="validation error (%)", title="validation error by epoch")
     b.set(xlabel="training conv MACs (1e15, fwd + bwd)", title="by training compute")
+    errors = [
+        100 * (1 - e["val_accuracy_sum"])
+        for r in results
+        for e in r["epochs"]
+        if "val_accuracy_sum" in e
+    ]
     for ax in (a, b):
         ax.grid(alpha=0.3)
-        lo = min(
-            100 * (1 - e["val_accuracy_sum"])
-            for r in results
-            for e in r["epochs"]
-            if "val_accuracy_sum" in e
-        )
-        ax.set_ylim(max(0.0, lo - 1), lo + 12)
+        ax.set_ylim(max(0.0, min(errors) - 1), min(100.0, max(errors) + 1))
     a.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -280,7 +280,7 @@ def plot_steps(results: list[dict[str, Any]], runs_dir: Path, path: Path) -> Pat
     for name, s in series.items():
         a.plot(s["step"], s["lambda"], label=name, lw=1.0)
         b.plot(s["step"], s["utilization"], label=name, lw=1.0)
-    a.set(xlabel="step", ylabel="λ", title="sparsity coefficient λ", yscale="log")
+    a.set(xlabel="step", ylabel="λ", title="sparsity coefficient λ (0 after the search)")
     b.set(xlabel="step", ylabel="utilisation U (params)", title="utilisation")
     for ax in (a, b):
         ax.grid(alpha=0.3)
