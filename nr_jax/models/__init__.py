@@ -109,7 +109,6 @@ def _refuse_keyword(
 
 
 from nr_jax.models import (  # noqa: E402,F401  (registration)
-    cnn,
     densenet,
     mlp,
     resnet,

@@ -4,6 +4,11 @@ The official CIFAR "VGG-19" keeps the standard VGG-19 channel sequence (20.04M p
 two max-pools, after the 4th and the 10th conv, so the last maps are 8x8 (2.6 GMACs at 32x32).
 BN γ starts at 0.5 (method.md 7.7), the classifier at N(0, 0.01) with zero bias. No unit is fixed:
 every conv, stem included, can lose neurons (method.md 2.3).
+
+Beyond BatchNorm (issue 16): the same chain with `norm=None` (conv with bias -> ReLU, no scale γ:
+liveness by another criterion, `nr_jax.criteria`: "outgoing" under the `nr_jax.group_lasso`
+pressure, or "dormancy") is registered as `cnn_nobn_fmnist` / `cnn_nobn_tiny`, and with GroupNorm
+as `cnn_gn_fmnist` (criterion "norm", L1 on the GroupNorm scales).
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ class VGG(nn.Module):
       cfg: channel counts of the convs in order, with "M" for a 2x2 max-pool.
       num_classes: classifier outputs.
       widths: per-unit width overrides (filled by `nr_jax.rejuvenate`).
-      gamma_init: initial BN scale (official VGG: 0.5).
+      norm: the units' normalisation: "batch" (default), "group", "layer" or None (conv with
+        bias, no normalisation; `nr_jax.layers.NRConv`).
+      num_groups: GroupNorm's number of groups per unit.
+      gamma_init: initial normalisation scale (official VGG: 0.5; unused without one).
       scheme: how old and new neurons mix after rejuvenation (`nr_jax.layers.SCHEMES`).
       bias_in_both_heads: the official doubled classifier bias (method.md 7.6).
       dtype: computation dtype (None: float32).
@@ -44,6 +52,8 @@ class VGG(nn.Module):
     cfg: tuple[Any, ...]
     num_classes: int = 10
     widths: layers.WidthSpec = layers.WidthSpec()
+    norm: str | None = "batch"
+    num_groups: int = 4
     gamma_init: float = 0.5
     scheme: str = "removed"
     bias_in_both_heads: bool = False
@@ -65,6 +75,8 @@ class VGG(nn.Module):
                 f"conv{i}",
                 scaled_width(v, self.width_multiplier),
                 kernel_size=3,
+                norm=self.norm,
+                num_groups=self.num_groups,
                 gamma_init=self.gamma_init,
                 scheme=self.scheme,
                 dtype=self.dtype,
@@ -84,3 +96,7 @@ class VGG(nn.Module):
 register("vgg19_cifar")(functools.partial(VGG, VGG19_CIFAR))
 register("vgg_fmnist")(functools.partial(VGG, VGG_FMNIST))
 register("vgg_tiny")(functools.partial(VGG, VGG_TINY))
+# beyond BatchNorm (issue 16): the same chains without normalisation, or with GroupNorm
+register("cnn_nobn_fmnist")(functools.partial(VGG, VGG_FMNIST, norm=None, gamma_init=1.0))
+register("cnn_nobn_tiny")(functools.partial(VGG, VGG_TINY, norm=None, gamma_init=1.0))
+register("cnn_gn_fmnist")(functools.partial(VGG, VGG_FMNIST, norm="group", gamma_init=1.0))
