@@ -59,6 +59,16 @@ def sticky_masks(masks: Any, dead: dict[str, Any]) -> Any:
     return flax.traverse_util.unflatten_dict(flat)
 
 
+def with_variables(state: TrainState, variables: dict[str, Any], opt_state: Any) -> TrainState:
+    """`state` holding the new network's variables and optimiser state (after a surgery)."""
+    return state.replace(
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        masks=variables[MASKS],
+        opt_state=opt_state,
+    )
+
+
 def search_epoch_end(
     state: TrainState,
     model: Any,
@@ -122,12 +132,8 @@ def cycle_epoch_end(
     variables, opt_state = jax.device_get((state.variables, state.opt_state))
     res = merge(model, variables, opt_state, tx, graph)
     v = res.variables
-    state = state.replace(
-        params=v["params"],
-        batch_stats=v["batch_stats"],
-        masks=v[MASKS],
-        opt_state=set_lambda(res.opt_state, config.nr.lam),
-        controller=ctrl,
+    state = with_variables(state, v, set_lambda(res.opt_state, config.nr.lam)).replace(
+        controller=ctrl
     )
     log.info("cycle %d ended: merged into an ordinary network, searching again", int(ctrl.cycle))
     return state, {"merged": int(ctrl.cycle)}, res
@@ -161,12 +167,7 @@ def rejuvenate_state(
     v = res.variables
     # official preset: a fresh optimiser (all momentum lost); improved: survivors' moments kept
     opt_state = tx.init(v["params"]) if config.preset == "official" else res.opt_state
-    state = state.replace(
-        params=v["params"],
-        batch_stats=v["batch_stats"],
-        masks=v[MASKS],
-        opt_state=set_lambda(opt_state, get_lambda(state.opt_state)),
-    )
+    state = with_variables(state, v, set_lambda(opt_state, get_lambda(state.opt_state)))
     return state, res
 
 
