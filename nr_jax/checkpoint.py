@@ -19,24 +19,21 @@ complete, never listed before); removal of killed saves' temporary directories b
 ``Checkpointer``'s first save (never by one that only reads); restore against an abstract
 target (``StandardRestore``).
 Added here, because orbax lacks it: the JSON ``meta`` read first, for ``abstract_fn(meta)``;
-falling back from a corrupt newest checkpoint to the previous good one (with a warning); a caller
-error naming the leaf path and both shapes where the abstract tree does not describe the
-checkpoint (orbax would pad, truncate, or re-wrap PRNG keys whatever the target asks); zero-size
-leaves (orbax: "Cannot save arrays with zero size") stored as empty nodes, rebuilt as zeros; the
+falling back from a corrupt newest checkpoint to the previous good one (with a warning); the tree
+as stored (:mod:`nr_jax.checkpoint_tree`: zero-size leaves, PRNG keys, and a caller error naming
+the leaf path and both shapes where the abstract tree does not describe the checkpoint); the
 gh-106905 log filters (:mod:`nr_jax.orbax_logging`) while a ``Checkpointer`` is open; a table of
-the array files (``nr_jax_files.json`` in the step directory: size and CRC-32 of every file of the
-``state`` item, written right after the commit) checked before orbax reads a step. A truncated,
-missing or altered array file is then refused by name before any read: orbax would detect some
-of these only in the middle of its concurrent reads (and abandon the others, which then report
-"Event loop is closed" to the terminal, past any logging filter) and others not at all (silent
-corruption of uncompressed chunks). A step without the table (saved by an earlier version, or
-killed between the commit and the table) is read with orbax's own checks only.
+the array files (:mod:`nr_jax.file_table`: size and CRC-32 of every file of the ``state`` item,
+written right after the commit) checked before orbax reads a step. A truncated, missing or altered
+array file is then refused by name before any read: orbax would detect some of these only in the
+middle of its concurrent reads (and abandon the others, which then report "Event loop is closed"
+to the terminal, past any logging filter) and others not at all (silent corruption of
+uncompressed chunks). A step without the table is read with orbax's own checks only.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +42,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nr_jax import file_table, orbax_logging
+from nr_jax import checkpoint_tree, file_table, orbax_logging
+
+# re-exported: the errors every reader of checkpoints catches
+from nr_jax.checkpoint_tree import CheckpointError, CheckpointNotFoundError
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "Checkpointer"]
 
@@ -55,127 +55,7 @@ SaveCallback = Callable[[str, int, str], None]
 logger = logging.getLogger(__name__)
 
 _STATE, _META = "state", "meta"
-_FORMAT_VERSION = 2  # 1: the hand-flattened layout of earlier versions
 _PRIMARY = 0  # the process that commits, prunes and cleans up in a multi-process job
-
-
-class CheckpointError(RuntimeError):
-    """Raised when no usable checkpoint exists or a restore request is invalid."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """Raised when the directory holds no (finalised) checkpoint, or not the requested step."""
-
-
-def _is_key(dtype: Any) -> bool:
-    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _leaf_name(path: tuple[Any, ...]) -> str:
-    """Orbax's own name of a leaf (``opt_state.0.mu.Dense_0.kernel``)."""
-    return ".".join(ocp.tree.str_keypath(path))
-
-
-def _data_shape(leaf: Any) -> tuple[int, ...]:
-    """The shape orbax stores: the key data's for PRNG keys."""
-    if _is_key(leaf.dtype):
-        return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
-    return tuple(leaf.shape)
-
-
-def _check_json(obj: Any, where: str = "meta") -> None:
-    """Ensures ``obj`` round-trips exactly through JSON (str keys, lists, finite floats)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        raise TypeError(f"{where}: expected a finite float, got {obj!r} (not valid JSON)")
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return
-    if isinstance(obj, dict):
-        for key in obj:
-            if not isinstance(key, str):
-                raise TypeError(f"{where}: dict key {key!r} is not a str")
-    elif not isinstance(obj, list):
-        raise TypeError(
-            f"{where}: expected dict, list, str, int, float, bool or None (JSON), got "
-            f"{type(obj).__name__}, which does not round-trip through JSON"
-        )
-    for key, value in obj.items() if isinstance(obj, dict) else enumerate(obj):
-        _check_json(value, f"{where}[{key!r}]")
-
-
-def _to_stored(state: PyTree) -> tuple[PyTree, dict[str, Any]]:
-    """The tree for orbax (zero-size leaves as empty nodes) and the custom metadata to save."""
-    keys: dict[str, str] = {}
-    zero_size: dict[str, list[int]] = {}
-
-    def convert(path: tuple[Any, ...], leaf: Any) -> Any:
-        if isinstance(leaf, (bool, int, float, complex, np.generic)):
-            leaf = np.asarray(leaf)
-        if not isinstance(leaf, (jax.Array, np.ndarray)):
-            raise TypeError(
-                f"unsupported state leaf {jax.tree_util.keystr(path)}: expected "
-                f"jax/numpy arrays or scalars, got {type(leaf).__name__}"
-            )
-        if _is_key(leaf.dtype):
-            keys[_leaf_name(path)] = str(jax.random.key_impl(leaf))
-        if leaf.size == 0:
-            zero_size[_leaf_name(path)] = list(_data_shape(leaf))
-            return None
-        return leaf
-
-    stored = jax.tree_util.tree_map_with_path(convert, state)
-    return stored, {"nr_jax_format": _FORMAT_VERSION, "prng_keys": keys, "zero_size": zero_size}
-
-
-def _as_spec(leaf: Any, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
-    """An abstract leaf as a ShapeDtypeStruct with a sharding (so orbax returns a jax.Array)."""
-    if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
-        raise TypeError(f"abstract leaf: expected a ShapeDtypeStruct or array, got {leaf!r}")
-    dtype = leaf.dtype if _is_key(leaf.dtype) else jax.dtypes.canonicalize_dtype(leaf.dtype)
-    sharding = getattr(leaf, "sharding", None) or sharding
-    return jax.ShapeDtypeStruct(tuple(leaf.shape), dtype, sharding=sharding)
-
-
-def _restore_specs(abstract: PyTree, stored: dict[str, Any], where: str) -> PyTree:
-    """The abstract tree as ShapeDtypeStructs; CheckpointError on the first leaf missing, extra,
-    of another shape, or a PRNG key on one side only (a caller error)."""
-    device = jax.config.jax_default_device or jax.local_devices()[0]
-    device = jax.devices(device)[0] if isinstance(device, str) else device
-    specs = jax.tree.map(lambda x: _as_spec(x, jax.sharding.SingleDeviceSharding(device)), abstract)
-    flat = jax.tree_util.tree_flatten_with_path(specs)[0]
-    shapes, keys = stored["shapes"], stored["prng_keys"]
-    for path, spec in flat:
-        name, leaf = _leaf_name(path), jax.tree_util.keystr(path) or "<root>"
-        if name not in shapes:
-            raise CheckpointError(
-                f"abstract tree does not match {where}: leaf {leaf} is not in the checkpoint"
-            )
-        if _is_key(spec.dtype) != (name in keys):
-            held = "a PRNG key" if name in keys else "a plain array"
-            raise CheckpointError(
-                f"abstract tree does not match {where}: leaf {leaf} is stored as {held} but "
-                f"requested as {spec.dtype}"
-            )
-        if _data_shape(spec) != shapes[name]:
-            raise CheckpointError(
-                f"shape mismatch for leaf {leaf} in {where}: abstract shape {_data_shape(spec)} "
-                f"vs checkpoint shape {shapes[name]}"
-            )
-    extra = sorted(set(shapes) - {_leaf_name(path) for path, _ in flat})
-    if extra:
-        raise CheckpointError(
-            f"abstract tree does not match {where}: it has {len(extra)} leaves not in the "
-            f"abstract tree, e.g. {extra[0]!r}"
-        )
-    return specs
-
-
-def _zeros(spec: jax.ShapeDtypeStruct) -> jax.Array:
-    """A zero-size leaf rebuilt from its spec."""
-    if not _is_key(spec.dtype):
-        return jax.device_put(np.zeros(spec.shape, spec.dtype), spec.sharding)
-    data = jax.eval_shape(jax.random.key_data, spec)
-    keys = jax.random.wrap_key_data(np.zeros(data.shape, data.dtype), dtype=spec.dtype)
-    return jax.device_put(keys, spec.sharding)
 
 
 class Checkpointer:
@@ -260,8 +140,8 @@ class Checkpointer:
         step = _check_step(step)
         if not isinstance(meta, dict):
             raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
-        _check_json(meta)
-        stored, custom = _to_stored(state)
+        checkpoint_tree.check_json(meta)
+        stored, custom = checkpoint_tree.to_stored(state)
         os.makedirs(self._directory, exist_ok=True)
         if not self._writing:  # the first save: the reading manager gives way to the writer
             self._manager.close()
@@ -356,7 +236,8 @@ class Checkpointer:
                 self._skip(failures, f"step {cand}: unreadable metadata", e, step)
                 continue
             where = f"checkpoint step {cand} in {self._directory}"
-            specs = _restore_specs(abstract_fn(meta), stored, where)  # raises on caller error
+            # a caller error raises here (no fallback)
+            specs = checkpoint_tree.restore_specs(abstract_fn(meta), stored, where)
             try:
                 return self._read_state(cand, specs), meta, cand
             except Exception as e:  # noqa: BLE001 - corrupt array payload
@@ -376,10 +257,9 @@ class Checkpointer:
 
     def _read_state(self, step: int, specs: PyTree) -> PyTree:
         """The arrays of ``step``; zero-size leaves (empty nodes on disk) rebuilt as zeros."""
-        target = jax.tree.map(lambda s: None if math.prod(s.shape) == 0 else s, specs)
+        target = checkpoint_tree.restore_target(specs)
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target, strict=True)})
-        restored = self._manager.restore(step, args=args)[_STATE]
-        return jax.tree.map(lambda s, r: r if r is not None else _zeros(s), specs, restored)
+        return checkpoint_tree.with_zeros(specs, self._manager.restore(step, args=args)[_STATE])
 
     def _read_meta(self, step: int) -> dict:
         args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
@@ -395,13 +275,7 @@ class Checkpointer:
         except Exception:
             orbax_logging.settle_after_failure()
             raise
-        custom = (tree_meta.custom_metadata if tree_meta is not None else None) or {}
-        if custom.get("nr_jax_format") != _FORMAT_VERSION:
-            raise CheckpointError(f"state of step {step} is not nr_jax format {_FORMAT_VERSION}")
-        flat = ocp.tree.to_flat_dict(tree_meta.tree or {}, sep=".")
-        shapes = {name: tuple(int(d) for d in leaf.shape) for name, leaf in flat.items()}
-        shapes.update({name: tuple(shape) for name, shape in custom["zero_size"].items()})
-        return {"shapes": shapes, "prng_keys": custom["prng_keys"]}
+        return checkpoint_tree.stored_layout(tree_meta, step)
 
     def _step_dir(self, step: int) -> str:
         """The directory of ``step`` (orbax's default step name: the number itself)."""
