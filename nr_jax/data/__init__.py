@@ -9,8 +9,9 @@ Modules, one idea each:
 * ``builders``: the TensorFlow-free local tfds builders (raw files -> array_record).
 * ``registry``: ``DATASET_INFO``, the dataset sources, ``prepare_dataset``.
 * ``cache``: ``load_arrays``: a whole split decoded once into a ``.npz`` cache.
-* ``pipeline``: grain pipelines over arrays (shuffle from ``(seed, epoch)``, CIFAR crop + flip,
-  padded eval batches) and ``prefetch``.
+* ``pipeline``: grain pipelines over arrays (shuffle from ``(seed, epoch)``, padded eval batches)
+  and ``prefetch``; ``batch_transforms``: their per-batch steps (gather, CIFAR crop + flip, padding,
+  normalisation).
 * ``imagenet`` / ``source_pipeline``: ImageNet sources, torchvision-equivalent transforms and
   their grain pipelines (multi-threaded decoding).
 * ``run``: ``RunData``, a run's train iterator (resumable from its saved state) and test batches.
@@ -19,6 +20,7 @@ Every pipeline returns a grain ``DatasetIterator`` of dicts of numpy arrays whos
 ``get_state()`` is JSON-serialisable; ``set_state`` resumes an epoch bit-identically.
 """
 
+from nr_jax.data.batch_transforms import normalize
 from nr_jax.data.builders import Cifar10Local, Cifar100Local, FashionMnistLocal, LocalBuilder
 from nr_jax.data.cache import load_arrays
 from nr_jax.data.formats import CIFAR10_CLASS_NAMES, FASHION_MNIST_CLASS_NAMES
@@ -34,7 +36,6 @@ from nr_jax.data.paths import (
 )
 from nr_jax.data.pipeline import (
     eval_batches,
-    normalize,
     prefetch,
     steps_per_epoch,
     train_batches,

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from nr_jax.data import paths, pipeline, prepared, registry
+from nr_jax.data import batch_transforms, paths, prepared, registry
 
 _IMAGENET_DOWNLOAD_URL = "https://image-net.org/download-images"
 _BILINEAR = Image.Resampling.BILINEAR
@@ -199,7 +199,7 @@ def _example(image: np.ndarray, label: Any, info: registry.DatasetInfo) -> dict[
         raise ValueError(
             f"transform returned {image.dtype} {image.shape}; expected uint8 {info.image_shape}"
         )
-    return {"image": pipeline.normalize(image, info), "label": np.int32(label)}
+    return {"image": batch_transforms.normalize(image, info), "label": np.int32(label)}
 
 
 @dataclasses.dataclass(frozen=True)

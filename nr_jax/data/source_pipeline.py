@@ -21,7 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from nr_jax.data import imagenet, pipeline, registry
+from nr_jax.data import batch_transforms, imagenet, pipeline, registry
 
 _BATCHES_AHEAD = 2
 
@@ -175,7 +175,7 @@ def eval_batches_from_source(
     ds = as_map_dataset(source).map(
         imagenet.EvalTransform(info, _resize_size(size, resize_size), True)
     )
-    zero = pipeline.normalize(np.zeros(info.image_shape, np.uint8), info)
+    zero = batch_transforms.normalize(np.zeros(info.image_shape, np.uint8), info)
     padding = {"image": zero, "label": np.int32(0), "mask": np.float32(0.0)}
     batched = _decoded(
         ds, _num_workers(num_workers), batch_size, batch_fn=PadTo(batch_size, padding)
