@@ -1,8 +1,11 @@
 """Plots of a run, written as PNG into its directory (`plot_run(workdir)`).
 
 * `utilization.png`: utilisation and λ over training steps, with the rejuvenation marked;
-* `accuracy.png`: test accuracy per epoch, summed logits and the old/new heads after NR;
-* `widths.png`: per-unit widths before rejuvenation, survivors, and widths after;
+* `accuracy.png`: validation accuracy per epoch (test accuracy for runs without a validation
+  split), summed logits and the old/new heads after NR;
+* `widths.png`: per-unit widths before the (last) rejuvenation, survivors, and widths after;
+* `cycles.png` (runs with `nr.cycles` > 1): the utilisation at each rejuvenation and r, and every
+  unit's width across the cycles (from `rejuvenations.json`, one entry per rejuvenation);
 * `gammas.png`: histograms of BN |γ| per unit at rejuvenation time (log scale), with the liveness
   threshold of each unit.
 """
@@ -37,15 +40,13 @@ def plot_run(workdir: str) -> list[str]:
     """Writes every plot the run's files allow; returns the paths written."""
     records = _records(workdir)
     written = []
-    rej_path = os.path.join(workdir, "rejuvenation.json")
-    rejuvenation = None
-    if os.path.exists(rej_path):
-        with open(rej_path) as f:
-            rejuvenation = json.load(f)
+    cycles = _rejuvenations(workdir)
+    rejuvenation = cycles[-1] if cycles else None
     plt = _plt()
     steps = [r for r in records if "train/utilization" in r or "train/loss" in r]
     epochs = [r for r in records if "epoch/epoch" in r]
-    rej_step = next((r["step"] for r in epochs if r.get("epoch/rejuvenated")), None)
+    rej_steps = [r["step"] for r in epochs if r.get("epoch/rejuvenated")]
+    rej_epochs = [r["epoch/epoch"] for r in epochs if r.get("epoch/rejuvenated")]
     if steps:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         x = [r["step"] for r in steps]
@@ -56,25 +57,26 @@ def plot_run(workdir: str) -> list[str]:
         ax2 = ax.twinx()
         ax2.plot(x, [r.get("train/lambda", 0.0) for r in steps], color="C1", label="λ")
         ax2.set_ylabel("λ", color="C1")
-        if rej_step is not None:
-            ax.axvline(rej_step, color="k", ls="--", lw=1, label="rejuvenation")
+        for i, step in enumerate(rej_steps):
+            ax.axvline(step, color="k", ls="--", lw=1, label="rejuvenation" if i == 0 else None)
         ax.legend(loc="upper right")
         ax.set_title("utilisation and sparsity coefficient")
         written.append(_save(fig, workdir, "utilization.png"))
     if epochs:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         e = [r["epoch/epoch"] for r in epochs]
+        split = "val" if any("epoch/val_accuracy_sum" in r for r in epochs) else "test"
         for key, label in (("sum", "summed"), ("old", "old head"), ("new", "new head")):
-            ys = [r.get(f"epoch/test_accuracy_{key}", np.nan) for r in epochs]
+            ys = [r.get(f"epoch/{split}_accuracy_{key}", np.nan) for r in epochs]
             if not all(np.isnan(ys)):
                 ax.plot(e, ys, marker="o", ms=3, label=label)
-        if rej_step is not None:
-            rej_epoch = next(r["epoch/epoch"] for r in epochs if r.get("epoch/rejuvenated"))
-            ax.axvline(rej_epoch, color="k", ls="--", lw=1, label="rejuvenation")
+        for i, epoch in enumerate(rej_epochs):
+            ax.axvline(epoch, color="k", ls="--", lw=1, label="rejuvenation" if i == 0 else None)
+        name = "validation" if split == "val" else "test"
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(f"{name} accuracy")
         ax.legend()
-        ax.set_title("test accuracy")
+        ax.set_title(f"{name} accuracy")
         written.append(_save(fig, workdir, "accuracy.png"))
     if rejuvenation is not None:
         names = list(rejuvenation["widths_before"])
@@ -88,6 +90,8 @@ def plot_run(workdir: str) -> list[str]:
         ax.set_title(f"widths (U={rejuvenation['utilization']:.3f}, r={rejuvenation['r']:.3f})")
         ax.legend()
         written.append(_save(fig, workdir, "widths.png"))
+    if len(cycles) > 1:
+        written.append(_plot_cycles(plt, workdir, cycles))
     gam_path = os.path.join(workdir, "gammas_at_rejuvenation.npz")
     if os.path.exists(gam_path):
         gammas = dict(np.load(gam_path))
@@ -105,6 +109,41 @@ def plot_run(workdir: str) -> list[str]:
         fig.suptitle("log10 |γ| at rejuvenation (red: liveness threshold)")
         written.append(_save(fig, workdir, "gammas.png"))
     return written
+
+
+def _rejuvenations(workdir: str) -> list[dict[str, Any]]:
+    """Every rejuvenation's report, in order (`rejuvenations.json`; runs written before it existed
+    have only `rejuvenation.json`, the last one)."""
+    for name in ("rejuvenations.json", "rejuvenation.json"):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                found = json.load(f)
+            return found if isinstance(found, list) else [found]
+    return []
+
+
+def _plot_cycles(plt: Any, workdir: str, cycles: list[dict[str, Any]]) -> str:
+    """Utilisation at each rejuvenation (and r), and every unit's width across the cycles."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8))
+    c = np.arange(1, len(cycles) + 1)
+    ax.plot(c, [r["utilization"] for r in cycles], marker="o", label="utilisation at rejuvenation")
+    ax.set_xlabel("cycle")
+    ax.set_ylabel("utilisation")
+    ax.set_xticks(c)
+    ax2 = ax.twinx()
+    ax2.plot(c, [r["r"] for r in cycles], marker="s", color="C1", label="r")
+    ax2.set_ylabel("r (widening factor)", color="C1")
+    ax.set_title("utilisation and r per cycle")
+    names = list(cycles[0]["widths_before"])
+    stages = [cycles[0]["widths_before"]] + [r["widths_after"] for r in cycles]
+    for name in names:
+        bx.plot(range(len(stages)), [s[name] for s in stages], marker="o", ms=3, label=name)
+    bx.set_xticks(range(len(stages)), ["start"] + [f"after {i}" for i in c])
+    bx.set_ylabel("channels")
+    bx.set_title("widths across cycles")
+    bx.legend(fontsize=6, ncol=2 if len(names) > 8 else 1)
+    return _save(fig, workdir, "cycles.png")
 
 
 def _save(fig: Any, workdir: str, name: str) -> str:
