@@ -95,7 +95,7 @@ def build(case: Case, seed: int = 1) -> tuple[Any, dict, nr_jax.ChannelGraph, tu
 
 
 def gated(u: nr_jax.Unit) -> bool:
-    """A cross-attention unit with both groups on both sides (`NRConv._attention`'s gate)."""
+    """A cross-attention unit with both groups on both sides (the gate of `nr_jax.schemes.mix`)."""
     if not u.scheme.startswith("attention") or u.out_split is None:
         return False
     return 0 < u.in_split < u.in_channels and 0 < u.out_split < u.out_channels

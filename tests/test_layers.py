@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import nr_jax
-from nr_jax import layers, ops
+from nr_jax import layers, ops, schemes
 from nr_jax.config import ConfigError
 
 SMALL_MODELS = (  # one tiny variant per family, with its input size
@@ -309,7 +309,7 @@ def test_removed_scheme_as_one_masked_convolution(monkeypatch, d_in, l_in, d_out
     params = jax.tree.map(lambda p: p + 0.1, variables["params"])  # BN bias away from zero
 
     def run(min_group):
-        monkeypatch.setattr(layers, "SPLIT_MIN_GROUP", min_group)
+        monkeypatch.setattr(schemes, "SPLIT_MIN_GROUP", min_group)
 
         def loss(params, x):
             y, _ = unit.apply(
