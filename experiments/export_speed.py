@@ -2,14 +2,18 @@
 
     python -m experiments.export_speed                 # the default models, under 2 minutes
     python -m experiments.export_speed --models vgg_tiny --batches 2 --repeats 2   # smoke run
+    python -m experiments.export_speed --models vgg_fmnist,mlp_fmnist --norm layer  # LayerNorm
 
-For each model: random BN scales (about `--dead_frac` of each prunable unit's channels dead), one
-rejuvenation with `--scheme` (the sqrt rule), then both forms of the rejuvenated network, jitted:
-the training form `nr_jax.predict(model.apply(variables, x, train=False))` (BN, masks, zero cross
-blocks and two heads) and the exported network (folded BN, live channels only, one head). Each
-is timed as the median of `--repeats` calls after a warm-up call, per batch size. Prints a table:
-model, batch, both times in ms, the speed-up, and the parameter counts of both forms (training
-form: every array in "params", zero blocks and BN included; exported: every array it has).
+For each model (`--norm`: the units' normalisation, for the families that take one: VGG chains
+and the MLP): about `--dead_frac` of each prunable unit's channels made dead (random scales ~0
+with a normalisation, zero outgoing weights without one), one rejuvenation with `--scheme` (the
+sqrt rule, liveness by the matching criterion: "norm" or "outgoing"), then both forms of the
+rejuvenated network, jitted: the training form `nr_jax.predict(model.apply(variables, x,
+train=False))` (normalisation, masks, zero cross blocks and two heads) and the exported network
+(BN folded, GroupNorm / LayerNorm kept, live channels only, one head). Each is timed as the
+median of `--repeats` calls after a warm-up call, per batch size. Prints a table: model, batch,
+both times in ms, the speed-up, and the parameter counts of both forms (training form: every
+array in "params", zero blocks and BN included; exported: every array it has).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import statistics
 import time
 from typing import Any
 
+import flax
 import jax
 import numpy as np
 import optax
@@ -32,13 +37,20 @@ flags.DEFINE_integer("repeats", 10, "Timed calls per model, batch and form (the 
 flags.DEFINE_enum("scheme", "removed", ["removed", "attention"], "Scheme of the rejuvenation.")
 flags.DEFINE_float("dead_frac", 0.5, "Fraction of each prunable unit's channels made dead.")
 flags.DEFINE_integer("hw", 28, "Image height and width (one channel: Fashion-MNIST-sized).")
+flags.DEFINE_enum(
+    "norm", None, ["batch", "group", "layer", "none"], "The units' normalisation (model default)."
+)
 flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 
-def rejuvenated(name: str, scheme: str, hw: int, dead_frac: float, seed: int = 0) -> Any:
-    """The registered model `name` with random weights, rejuvenated once (`nr_jax.Rejuvenation`)."""
-    model = nr_jax.models.get(name, num_classes=10, scheme=scheme)
+def rejuvenated(
+    name: str, scheme: str, hw: int, dead_frac: float, seed: int = 0, norm: str | None = None
+) -> Any:
+    """The registered model `name` with random weights, rejuvenated once (`nr_jax.Rejuvenation`);
+    `norm` ("batch", "group", "layer", "none") sets its units' normalisation."""
+    kwargs = {} if norm is None else {"norm": None if norm == "none" else norm}
+    model = nr_jax.models.get(name, num_classes=10, scheme=scheme, **kwargs)
     graph = nr_jax.channel_graph(model, (1, hw, hw, 1))
     rng = np.random.default_rng(seed)
 
@@ -52,12 +64,27 @@ def rejuvenated(name: str, scheme: str, hw: int, dead_frac: float, seed: int = 0
         return (std * rng.standard_normal(s.shape)).astype(s.dtype)
 
     variables = jax.tree_util.tree_map_with_path(leaf, graph.variable_shapes)
+    params = flax.traverse_util.flatten_dict(variables["params"])
+    dead = {}
     for u in graph.prunable:
-        gamma = variables["params"][u.name]["bn"]["scale"]
-        dead = rng.random(u.out_channels) < dead_frac
-        dead[rng.integers(u.out_channels)] = False  # at least one live channel
-        gamma[dead] = 1e-5
-    return nr_jax.rejuvenate(jax.random.key(seed), model, variables, None, optax.identity(), graph)
+        dead[u.name] = rng.random(u.out_channels) < dead_frac
+        dead[u.name][rng.integers(u.out_channels)] = False  # at least one live channel
+        if u.scale_path is not None:
+            params[u.scale_path][dead[u.name]] = 1e-5
+    scaled = all(u.scale_path is not None for u in graph.units)
+    if not scaled:  # no scale to read: the dead channels' outgoing weights (every reader's rows)
+        for v in graph.all_units:
+            offset = 0
+            for producers, start, stop in v.inputs:
+                for p in sorted(producers & set(dead)):
+                    rows = offset + np.flatnonzero(dead[p][start:stop])
+                    params[(*v.path, "kernel")][..., rows, :] = 0.0
+                offset += stop - start
+    variables = {**variables, "params": flax.traverse_util.unflatten_dict(params)}
+    live = nr_jax.criteria.resolve("norm" if scaled else "outgoing")(variables, graph)
+    return nr_jax.rejuvenate(
+        jax.random.key(seed), model, variables, None, optax.identity(), graph, live=live
+    )
 
 
 def median_ms(fn: Any, *args: Any, repeats: int) -> float:
@@ -72,12 +99,18 @@ def median_ms(fn: Any, *args: Any, repeats: int) -> float:
 
 
 def export_speed(
-    names: list[str], batches: list[int], repeats: int, scheme: str, hw: int, dead_frac: float
+    names: list[str],
+    batches: list[int],
+    repeats: int,
+    scheme: str,
+    hw: int,
+    dead_frac: float,
+    norm: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per model and batch size: both forms' times (ms), speed-up, parameter counts."""
     rows = []
     for name in names:
-        res = rejuvenated(name, scheme, hw, dead_frac)
+        res = rejuvenated(name, scheme, hw, dead_frac, norm=norm)
         net, net_vars = nr_jax.export(res.model, res.variables, input_shape=(1, hw, hw, 1))
         train_form = jax.jit(lambda v, x, m=res.model: nr_jax.predict(m.apply(v, x, train=False)))
         exported = jax.jit(net.apply)
@@ -118,9 +151,13 @@ def main(argv: list[str]) -> None:
     del argv
     batches = [int(b) for b in FLAGS.batches]
     rows = export_speed(
-        FLAGS.models, batches, FLAGS.repeats, FLAGS.scheme, FLAGS.hw, FLAGS.dead_frac
+        FLAGS.models, batches, FLAGS.repeats, FLAGS.scheme, FLAGS.hw, FLAGS.dead_frac, FLAGS.norm
     )
-    print(f"CPU, scheme {FLAGS.scheme}, {FLAGS.hw}x{FLAGS.hw}x1 images, median of {FLAGS.repeats}")
+    norm = f", norm {FLAGS.norm}" if FLAGS.norm else ""
+    print(
+        f"CPU, scheme {FLAGS.scheme}{norm}, {FLAGS.hw}x{FLAGS.hw}x1 images, "
+        f"median of {FLAGS.repeats}"
+    )
     print(table(rows))
 
 

@@ -10,7 +10,8 @@ and `regroup` gives the groups after rejuvenation: each old group keeps its surv
 vanish), and the new channels get groups of their own, so they never disturb the survivors.
 
 The group sizes are the `norm_groups` of a unit (`nr_jax.layers.UnitWidth`, `NRConv`,
-`NRDense`); None means the default grouping (`default_groups`).
+`NRDense`); None means the default grouping (`default_groups`). `normalize` is the statistics
+step alone, shared with the compact export (`nr_jax.compact.GroupNormalize`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,33 @@ def _runs(groups: Sequence[int]) -> list[tuple[int, int]]:
     return [(size, len(list(run))) for size, run in itertools.groupby(groups)]
 
 
+def normalize(x: Array, groups: Sequence[int], spatial: bool, epsilon: float = EPSILON) -> Array:
+    """x normalised over each contiguous channel group, without the affine map (float32).
+
+    Args:
+      x: activations (B, ..., C).
+      groups: group sizes in channel order (sum = C, each >= 1; checked by the caller).
+      spatial: statistics also over the spatial axes (GroupNorm); False: at each position over
+        the group's channels only (LayerNorm over channels).
+      epsilon: added to the variance.
+
+    Returns:
+      float32 (B, ..., C): every group at zero mean and unit variance (biased variance).
+    """
+    xf = x.astype(jnp.float32)
+    axes_spatial = tuple(range(1, x.ndim - 1)) if spatial else ()
+    parts, start = [], 0
+    for size, count in _runs(groups):  # equal sizes: one reshape for the whole run
+        block = xf[..., start : start + size * count]
+        g = block.reshape(*block.shape[:-1], count, size)
+        axes = (*axes_spatial, g.ndim - 1)
+        mean = jnp.mean(g, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+        parts.append(((g - mean) * jax.lax.rsqrt(var + epsilon)).reshape(block.shape))
+        start += size * count
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
 class GroupedNorm(nn.Module):
     """Normalisation over contiguous channel groups of any sizes, then a per-channel affine.
 
@@ -115,17 +143,6 @@ class GroupedNorm(nn.Module):
             )
         scale = self.param("scale", self.scale_init, (d,))
         bias = self.param("bias", nn.initializers.zeros, (d,))
-        xf = x.astype(jnp.float32)
-        spatial = tuple(range(1, x.ndim - 1)) if self.spatial else ()
-        parts, start = [], 0
-        for size, count in _runs(self.groups):  # equal sizes: one reshape for the whole run
-            block = xf[..., start : start + size * count]
-            g = block.reshape(*block.shape[:-1], count, size)
-            axes = (*spatial, g.ndim - 1)
-            mean = jnp.mean(g, axis=axes, keepdims=True)
-            var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
-            parts.append(((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(block.shape))
-            start += size * count
-        y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+        y = normalize(x, self.groups, self.spatial, self.epsilon)
         shape = (1,) * (y.ndim - 1) + (d,)
         return (y * scale.reshape(shape) + bias.reshape(shape)).astype(self.dtype or jnp.float32)

@@ -32,15 +32,18 @@ class ThreeUnitNet(nn.Module):
 
 
 def set_gammas(variables: dict, gammas: dict[str, list[float]]) -> dict:
-    """A copy of `variables` with the BN scales of the named units replaced."""
+    """A copy of `variables` with the normalisation scales of the named units replaced (BN
+    "bn", or GroupNorm / LayerNorm "norm")."""
     params = jax.tree.map(lambda x: x, variables["params"])
     for name, g in gammas.items():
-        params[name]["bn"]["scale"] = jnp.asarray(g, jnp.float32)
+        norm = "bn" if "bn" in params[name] else "norm"
+        params[name][norm]["scale"] = jnp.asarray(g, jnp.float32)
     return {**variables, "params": params}
 
 
 def random_gammas(variables: dict, graph: nr_jax.ChannelGraph, seed: int, dead_frac: float = 0.5):
-    """Random γ with about `dead_frac` of each prunable unit's channels at ~0 (dead)."""
+    """Random γ (any normalisation scale) with about `dead_frac` of each prunable unit's
+    channels at ~0 (dead)."""
     rng = np.random.default_rng(seed)
     gammas = {}
     for u in graph.prunable:
