@@ -34,7 +34,7 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 
 def mode(u: Unit) -> str:
-    """How the NR unit computes (`nr_jax.layers.NRConv._mix`): "conv", "blocks", "attention"."""
+    """How the NR unit computes (`nr_jax.schemes.mix`): "conv", "blocks", "attention"."""
     l_in, l_out = u.in_split, u.out_split
     if u.scheme == "dense" or l_out is None:
         return "conv"
