@@ -8,6 +8,7 @@ import pytest
 
 from experiments import evaluate
 from experiments.configs import eval_table
+from experiments.evaluation import provenance
 from nr_jax import models, train
 from nr_jax.config import ConfigError, validate
 from nr_jax.graph import channel_graph
@@ -50,7 +51,12 @@ def test_fingerprint_covers_the_code_and_nothing_else(tmp_path):
 
 def test_fingerprint_files_of_the_repository():
     files = {p.relative_to(evaluate.ROOT).as_posix() for p in evaluate.fingerprint_files()}
-    for name in ("nr_jax/train.py", "nr_jax/data/run.py", "experiments/evaluate.py"):
+    for name in (
+        "nr_jax/train.py",
+        "nr_jax/data/run.py",
+        "experiments/evaluate.py",
+        "experiments/evaluation/driver.py",
+    ):
         assert name in files
     assert "experiments/configs/eval_table.py" in files
     assert not any(f.startswith(("experiments/results/", "tests/")) for f in files)
@@ -102,9 +108,10 @@ def fake_train(calls: list, crash_first: bool = False):
 
 @pytest.fixture
 def fingerprint(monkeypatch):
-    """The driver's code fingerprint, settable by the test (`fingerprint[0]`)."""
+    """The driver's code fingerprint, settable by the test (`fingerprint[0]`): `run_table` reads
+    it from `experiments.evaluation.provenance`."""
     fp = ["code-a"]
-    monkeypatch.setattr(evaluate, "code_fingerprint", lambda root=evaluate.ROOT: fp[0])
+    monkeypatch.setattr(provenance, "code_fingerprint", lambda root=evaluate.ROOT: fp[0])
     return fp
 
 

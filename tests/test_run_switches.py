@@ -97,8 +97,9 @@ def test_driver_branches_the_slimming_control_from_the_nr_search(tmp_path, monke
     """The table driver keeps the NR run's last search checkpoint and starts the slimming run
     from it: the search is replayed bit-identically, then pruned instead of rejuvenated."""
     from experiments import evaluate
+    from experiments.evaluation import provenance
 
-    monkeypatch.setattr(evaluate, "code_fingerprint", lambda root=evaluate.ROOT: "code")
+    monkeypatch.setattr(provenance, "code_fingerprint", lambda root=evaluate.ROOT: "code")
 
     def train_fn(config, workdir, callbacks=None):  # the table's arms on the tiny run
         c = tiny(regrow=config.nr.regrow)
