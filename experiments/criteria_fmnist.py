@@ -1,54 +1,67 @@
-"""Pluggable liveness on real Fashion-MNIST (issue 16 item 1), in a loop of its own.
+"""Pluggable liveness on real Fashion-MNIST, through the trainer (issue 16 item 1).
 
-Until the trainer takes a criterion and a pressure from the config (the proposed `nr.criterion`
-and `nr.pressure`), this script runs each arm with its own jitted SGD loop on a subset of
-Fashion-MNIST: a search under the arm's pressure, liveness by the arm's criterion after every
-epoch, the rejuvenation when U <= target (or after the last search epoch, at the U reached),
-then epochs with λ = 0; next to it the same network trained as long without NR. At the moment of
-rejuvenation it measures how much the survivors' outputs change when the dead channels are
-dropped (`nr_jax.criteria.survivor_shift`, on test images): zero for BatchNorm and for units
-without normalisation, not for GroupNorm / LayerNorm.
+Every arm is an NR run of `nr_jax.train.train_and_evaluate` with the arm's liveness criterion and
+sparsity pressure (`nr.criterion`, `nr.pressure`), next to its epoch-matched baseline: the same
+network with `nr.enabled = False`, trained for as many epochs as the NR run took (its k search
+epochs plus the E post epochs) with the same learning-rate schedule (the milestones moved by k).
+A validation split (`--val_size` images held out of the training split) is evaluated every
+epoch, the test set at the final and best-validation epochs (`config.val_size`).
 
-    python -m experiments.criteria_fmnist --out experiments/results/criteria_fmnist.json
+    # the MLP arms are cheap (~5 ms a step): all 55,000 training images, ~10 min per arm
+    python -m experiments.criteria_fmnist --arms mlp,mlp_lasso --train_limit 0 \
+        --search_epochs 10 --epochs 20
+    # the CNN is not (~0.35 s a step on 2 shared cores): ~20-25 min for NR + baseline
+    python -m experiments.criteria_fmnist --arms nobn --train_limit 8000 --val_size 2000 \
+        --search_epochs 6 --epochs 6
 
-Arms (SGD 0.05, momentum 0.9, weight decay 1e-4; λ per arm below): bn (vgg_fmnist, L1 on BN γ,
-the official rule), gn (cnn_gn_fmnist, L1 on GroupNorm
-scales, "norm"), ln (the same CNN with LayerNorm), nobn (cnn_nobn_fmnist, group lasso on
-outgoing weights, "outgoing"), mlp (mlp_fmnist, no pressure, "dormancy"), mlp_lasso
-(mlp_fmnist, group lasso, "outgoing"). Widths by the budget-matching rule (round8).
+Arms (SGD, momentum 0.9, weight decay 1e-4, batch 64; widths by `round8`, the budget matched;
+the target U 0.5, `--target`; the search gives up after `--search_epochs` and rejuvenates at
+the U reached; untuned):
 
-Run so far (results/criteria_fmnist_shift.json, the survivor-shift figures of
-experiments/README.md): `--arms gn,ln --train 5000 --test 1000 --search_epochs 8 --epochs 1
---no_baseline`, about 10 minutes per arm on a shared 2-core CPU. The other arms and the
-baselines are untuned: the full comparison is for the trainer, once it takes `nr.criterion`.
+* `nobn`: `cnn_nobn_fmnist` (VGG without normalisation), "outgoing" under the group lasso
+  (λ 1e-2, lr 0.01: without normalisation a higher LR kills the ReLUs);
+* `mlp`: `mlp_fmnist`, "dormancy" (ReDo τ 0.1, `--tau`, over `nr.activity_images` = 512
+  training images at each epoch end), no pressure (λ 0, lr 0.05): ordinary training's dormancy;
+* `mlp_lasso`: `mlp_fmnist`, "outgoing" under the group lasso (λ 1e-2, lr 0.05).
+
+Each run writes `<results_dir>/<arm>_<nr|baseline>_s<seed>.json` (its settings and config,
+per-epoch validation accuracy and utilisation, the summary). A run whose result exists is
+skipped (one made with other settings is refused: use another `--results_dir`); an interrupted
+run resumes from its checkpoints in `<workdir>/<arm>_<kind>_s<seed>_<settings>`. Each NR arm
+also gets `<arm>_s<seed>_utilization.png`: utilisation over training, the target, the
+rejuvenation. The per-epoch `utilization` is the mean of the step metric (for "dormancy" the
+training batches' own activity), `epoch_utilization` the epoch-end figure the decision read
+(search epochs only); baselines have neither.
+
+The GroupNorm / LayerNorm arms `gn` (`cnn_gn_fmnist`, "norm", L1 on the scales) and `ln` (the
+CNN with LayerNorm) measure what dropping the dead channels does to the survivors
+(`nr_jax.criteria.survivor_shift`, on 256 test images) at the moment NR would rejuvenate:
+`survivor_shift_arm` runs the trainer's own steps (same optimiser and criterion) for up to
+`--search_epochs` epochs, until U <= the target, and writes `<arm>_shift_s<seed>.json` (no
+baseline, no post epochs). The figures of experiments/README.md
+(`results/criteria_fmnist_shift.json`) came from the former own-loop version of this script (5,000
+training images, 8 search epochs, about 10 minutes per arm on a shared 2-core CPU; now
+`--arms gn,ln --train_limit 5000 --search_epochs 8`).
+
+A tiny check that everything runs (about 5 minutes on 2 shared cores):
+
+    python -m experiments.criteria_fmnist --train_limit 512 --epochs 2 --search_epochs 1 \
+        --val_size 500 --workdir /tmp/criteria_tiny --results_dir /tmp/criteria_tiny/results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import logging
+import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-
-import nr_jax
-from nr_jax import criteria, data, sparsity
 
 ARMS: dict[str, dict[str, Any]] = {
-    "bn": {"model": "vgg_fmnist", "criterion": "bn", "pressure": "l1", "lam": 1e-2},
-    "gn": {"model": "cnn_gn_fmnist", "criterion": "norm", "pressure": "l1", "lam": 1e-2},
-    "ln": {
-        "model": "cnn_nobn_fmnist",
-        "kwargs": {"norm": "layer"},
-        "criterion": "norm",
-        "pressure": "l1",
-        "lam": 1e-2,
-    },
-    "nobn": {  # without normalisation SGD at 0.05 kills the ReLUs: a lower LR
+    "nobn": {
         "model": "cnn_nobn_fmnist",
         "criterion": "outgoing",
         "pressure": "group_lasso",
@@ -63,132 +76,243 @@ ARMS: dict[str, dict[str, Any]] = {
         "lam": 1e-2,
     },
 }
+SHIFT_ARMS: dict[str, dict[str, Any]] = {
+    "gn": {"model": "cnn_gn_fmnist", "criterion": "norm", "pressure": "l1", "lam": 1e-2},
+    "ln": {
+        "model": "cnn_nobn_fmnist",
+        "kwargs": {"norm": "layer"},
+        "criterion": "norm",
+        "pressure": "l1",
+        "lam": 1e-2,
+    },
+}
+DEFAULT_LR = 0.05
+
+RUN_ARGS = ("train_limit", "val_size", "epochs", "search_epochs", "target", "tau", "seed")
+
+log = logging.getLogger("criteria_fmnist")
 
 
-def make_step(model: Any, tx: optax.GradientTransformation) -> Any:
-    """One jitted SGD step of this width configuration."""
-
-    @jax.jit
-    def step(variables, opt_state, x, y):
-        def loss_fn(params):
-            out, upd = model.apply(
-                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
-            )
-            return nr_jax.nr_loss(out, y), upd
-
-        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        updates, opt_state = tx.update(grads, opt_state, variables["params"])
-        params = optax.apply_updates(variables["params"], updates)
-        return {**variables, **upd, "params": params}, opt_state, loss
-
-    return step
+def stored(path: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The result at `path` (None if there is none); refuses one made with other settings."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    asked = {k: getattr(args, k) for k in RUN_ARGS}
+    if result.get("args") != asked:
+        raise SystemExit(
+            f"{path} was made with {result.get('args')}, not {asked}: use another --results_dir "
+            "(and --workdir)"
+        )
+    log.info("%s exists: skipped", path)
+    return result
 
 
-def accuracy(model: Any, variables: Any, x: np.ndarray, y: np.ndarray) -> float:
-    apply = jax.jit(lambda v, x: nr_jax.predict(model.apply(v, x, train=False)))
-    hits = sum(
-        int(jnp.sum(jnp.argmax(apply(variables, x[i : i + 500]), -1) == y[i : i + 500]))
-        for i in range(0, len(x), 500)
-    )
-    return hits / len(x)
+def arm_config(arm: dict[str, Any], args: argparse.Namespace, nr: bool, search: int = 0) -> Any:
+    """The run's config: the arm's model, criterion, pressure, λ and LR on Fashion-MNIST.
+
+    `nr` False: the baseline, trained `search + args.epochs` epochs (the NR run's k search
+    epochs plus its post epochs) with the milestones moved by `search`.
+    """
+    from nr_jax.config import base_config
+
+    c = base_config()
+    c.model = arm["model"]
+    c.model_kwargs.update(arm.get("kwargs", {}))
+    c.seed, c.val_size, c.train_limit = args.seed, args.val_size, args.train_limit
+    c.batch_size, c.eval_batch_size, c.lr = 64, 500, arm.get("lr", DEFAULT_LR)
+    c.epochs = args.epochs
+    milestones = sorted({args.epochs // 2, (3 * args.epochs) // 4} - {0})
+    c.lr_milestones = tuple(milestones)
+    c.nr.criterion, c.nr.pressure, c.nr.lam = arm["criterion"], arm["pressure"], arm["lam"]
+    c.nr.target, c.nr.max_search_epochs = args.target, args.search_epochs
+    c.nr.dormancy_tau, c.nr.allocation = args.tau, "round8"
+    c.progress, c.tensorboard, c.plots = False, False, False
+    if not nr:
+        c.nr.enabled = False
+        c.epochs = search + args.epochs
+        c.lr_milestones = tuple(m + search for m in milestones)
+    return c
 
 
-def liveness(rule: Any, model: Any, variables: Any, graph: Any, probe: np.ndarray) -> Any:
-    host = jax.device_get(variables)
-    act = criteria.activity(model, host, probe) if rule.needs_activity else None
-    return jax.device_get(rule(host, graph, act))
-
-
-def run_arm(name: str, arm: dict, d: dict, args: argparse.Namespace, nr: bool) -> dict:
-    """One run: NR (search, rejuvenation, post epochs) or the same network without NR."""
-    model = nr_jax.models.get(arm["model"], num_classes=10, **arm.get("kwargs", {}))
-    x, y = d["x"], d["y"]
-    graph = nr_jax.channel_graph(model, (1, *x.shape[1:]))
-    variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), x[:1])
-    lam = arm["lam"] if nr else 0.0
-    pressure = sparsity.resolve(arm["pressure"], graph, lam) if nr else sparsity.no_pressure()
-    sgd = optax.sgd(arm.get("lr", 0.05), momentum=0.9)
-    tx = optax.chain(pressure, optax.add_decayed_weights(1e-4), sgd)
-    opt_state = tx.init(variables["params"])
-    rule = criteria.resolve(arm["criterion"], tau=args.tau)
-    step, rng = make_step(model, tx), np.random.default_rng(0)
-    log, event = [], None
-    total = args.search_epochs + args.epochs  # the baseline trains as long as the NR run may
-    search_left = args.search_epochs if nr else 0
-    for epoch in range(total):
-        t0 = time.time()
-        order = rng.permutation(len(x))
-        for i in range(len(x) // args.batch):
-            b = order[i * args.batch : (i + 1) * args.batch]
-            variables, opt_state, loss = step(variables, opt_state, x[b], y[b])
-        entry = {"epoch": epoch + 1, "loss": float(loss), "seconds": time.time() - t0}
-        if not graph.rejuvenated:
-            live = liveness(rule, model, variables, graph, d["probe"])
-            entry["utilization"] = float(nr_jax.utilization(live, graph).ratio)
-        if nr and not graph.rejuvenated and search_left > 0:
-            search_left -= 1
-            if entry["utilization"] <= args.target or search_left == 0:
-                shift = criteria.survivor_shift(model, variables, graph, d["xt"][:256], live)
-                res = nr_jax.rejuvenate(
-                    jax.random.key(1),
-                    model,
-                    jax.device_get(variables),
-                    jax.device_get(opt_state),
-                    tx,
-                    graph,
-                    live=live,
-                    allocation=nr_jax.rounded_allocation(8),
-                )
-                model, variables, graph = res.model, res.variables, res.graph
-                opt_state = nr_jax.set_lambda(res.opt_state, 0.0)
-                step = make_step(model, tx)
-                event = {
-                    "epoch": epoch + 1,
-                    "utilization": entry["utilization"],
-                    "r": res.report.r,
-                    "widths_before": res.report.widths_before,
-                    "widths_after": res.report.widths_after,
-                    "survivor_shift": shift.relative,
-                    "survivor_shift_abs": {**shift.units, "logits": shift.logits},
+def epoch_records(workdir: str) -> list[dict[str, Any]]:
+    """The run's epoch records from its `metrics.jsonl` (the last one of each epoch: a resumed
+    run may repeat some), "epoch/" dropped from the keys."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "epoch/epoch" in r:
+                by_epoch[r["epoch/epoch"]] = {
+                    k[len("epoch/") :]: v for k, v in r.items() if k != "step"
                 }
-                entry["rejuvenated"] = True
-        entry["test_accuracy"] = accuracy(model, variables, d["xt"], d["yt"])
-        log.append(entry)
-        print(name, "nr" if nr else "base", json.dumps(entry), flush=True)
-    return {"log": log, "rejuvenation": event, "final_test_accuracy": log[-1]["test_accuracy"]}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def step_utilization(workdir: str) -> list[tuple[int, float]]:
+    """(step, utilisation) of the logged step windows (`train/utilization`)."""
+    out = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "train/utilization" in r:
+                out.append((r["step"], r["train/utilization"]))
+    return out
+
+
+def run(name: str, kind: str, config: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One trainer run, or its stored result; writes `<arm>_<kind>_s<seed>.json`."""
+    path = os.path.join(args.results_dir, f"{name}_{kind}_s{args.seed}.json")
+    if (result := stored(path, args)) is not None:
+        return result
+    from nr_jax import train
+
+    tag = f"n{args.train_limit}_v{args.val_size}_k{args.search_epochs}_e{args.epochs}"
+    workdir = os.path.join(args.workdir, f"{name}_{kind}_s{args.seed}_{tag}")  # one per setting
+    summary = train.train_and_evaluate(config, workdir)
+    keys = ("epoch", "phase", "val_accuracy_sum", "utilization", "epoch_utilization")
+    epochs = []
+    for r in epoch_records(workdir):
+        entry = {k: r.get(k) for k in keys}
+        entry["utilization"] = r.get("train_utilization")
+        entry["rejuvenated"] = bool(r.get("rejuvenated", False))
+        epochs.append(entry)
+    result = {
+        "arm": name,
+        "kind": kind,
+        "args": {k: getattr(args, k) for k in RUN_ARGS},
+        "config": json.loads(config.to_json_best_effort()),
+        "epochs": epochs,
+        "steps_utilization": step_utilization(workdir),
+        "summary": {k: v for k, v in summary.items() if k != "plots"},
+    }
+    os.makedirs(args.results_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def plot_utilization(name: str, result: dict[str, Any], args: argparse.Namespace) -> str:
+    """Utilisation over training of an NR run (step windows and epoch ends), target and
+    rejuvenation marked; returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = result["steps_utilization"]
+    per_epoch = (steps[-1][0] if steps else 1) / max(len(result["epochs"]), 1)  # steps/epoch
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if steps:
+        ax.plot([s / per_epoch for s, _ in steps], [u for _, u in steps], lw=1, label="steps")
+    ends = [(e["epoch"], e["epoch_utilization"]) for e in result["epochs"]]
+    ends = [(e, u) for e, u in ends if u is not None]
+    if ends:
+        ax.plot(*zip(*ends, strict=True), "o", label="epoch end (decision)")
+    ax.axhline(result["config"]["nr"]["target"], color="k", ls=":", lw=1, label="target")
+    for e in result["epochs"]:
+        if e["rejuvenated"]:
+            ax.axvline(e["epoch"], color="r", ls="--", lw=1, label="rejuvenation")
+    cfg = result["config"]["nr"]
+    ax.set_title(f"{name}: {result['config']['model']}, {cfg['criterion']} / {cfg['pressure']}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("utilisation")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower left", fontsize=8)
+    path = os.path.join(args.results_dir, f"{name}_s{args.seed}_utilization.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def trainer_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The NR run of an arm, then its epoch-matched baseline, then the utilisation plot."""
+    arm = ARMS[name]
+    nr = run(name, "nr", arm_config(arm, args, nr=True), args)
+    k = nr["summary"]["search_epochs"]
+    base = run(name, "baseline", arm_config(arm, args, nr=False, search=k), args)
+    plot = plot_utilization(name, nr, args)
+    for kind, r in (("nr", nr), ("baseline", base)):
+        s = r["summary"]
+        best = s.get("best_validation", {})
+        log.info(
+            "%s %s: %d epochs (k %d), U at rejuvenation %s, best val %.4f, final test %s",
+            *(name, kind, s["epochs_run"], s["search_epochs"]),
+            *(s.get("utilization_at_rejuvenation"), best.get("val_accuracy_sum", float("nan"))),
+            s.get("final_test_accuracy"),
+        )
+    return {"nr": nr, "baseline": base, "plot": plot}
+
+
+def survivor_shift_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The survivors' change when the dead channels are dropped, at the moment NR would
+    rejuvenate (U <= target, or the last search epoch): the trainer's steps, optimiser and
+    criterion, `nr_jax.criteria.survivor_shift` on 256 test images."""
+    from nr_jax import criteria, train, utilization
+    from nr_jax import data as nr_data
+    from nr_jax.run_liveness import measure
+
+    path = os.path.join(args.results_dir, f"{name}_shift_s{args.seed}.json")
+    if (result := stored(path, args)) is not None:
+        return result
+    config = arm_config(SHIFT_ARMS[name], args, nr=True)
+    trainer = train.Trainer(config, workdir="")
+    data = nr_data.RunData(config, trainer.info)
+    trainer.use_data(data.steps_per_epoch, data.first_images(config.nr.activity_images))
+    shape = trainer.info.image_shape
+    state = train.init_state(trainer.model, trainer.tx, config, shape, jax.random.key(args.seed))
+    x = next(iter(data.test_batches()))["image"][:256]
+    epochs = []
+    for epoch in range(args.search_epochs):
+        for batch in data.train_iterator(epoch):
+            state, _ = trainer.steps.train(state, batch)
+        variables = jax.device_get(state.variables)
+        live = measure(trainer.criterion, variables, trainer.graph, trainer.model)
+        util = float(utilization(live, trainer.graph, config.nr.resource).ratio)
+        epochs.append({"epoch": epoch + 1, "utilization": util})
+        log.info("%s shift: epoch %d, U %.4f", name, epoch + 1, util)
+        if util <= config.nr.target:
+            break
+    shift = criteria.survivor_shift(trainer.model, variables, trainer.graph, np.asarray(x), live)
+    result = {
+        "arm": name,
+        "args": {k: getattr(args, k) for k in RUN_ARGS},
+        "config": json.loads(config.to_json_best_effort()),
+        "epochs": epochs,
+        "survivor_shift": shift.relative,
+        "survivor_shift_abs": {**shift.units, "logits": shift.logits},
+    }
+    os.makedirs(args.results_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="experiments/results/criteria_fmnist.json")
-    p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--train", type=int, default=10000)
-    p.add_argument("--test", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--search_epochs", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--target", type=float, default=0.5)
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--no_baseline", action="store_true")
+    p.add_argument("--workdir", default="/tmp/criteria_fmnist", help="run directories")
+    p.add_argument("--results_dir", default="experiments/results/criteria_fmnist")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"of {[*ARMS, *SHIFT_ARMS]}")
+    p.add_argument("--train_limit", type=int, default=10000, help="training images (0 = all)")
+    p.add_argument("--val_size", type=int, default=5000, help="held-out validation images")
+    p.add_argument("--epochs", type=int, default=6, help="epochs after the search (E)")
+    p.add_argument("--search_epochs", type=int, default=6, help="at most, then rejuvenate")
+    p.add_argument("--target", type=float, default=0.5, help="utilisation target")
+    p.add_argument("--tau", type=float, default=0.1, help="ReDo τ of the dormancy criterion")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    info = data.DATASET_INFO["fashion_mnist"]
-    images, labels = data.load_arrays("fashion_mnist", "train", limit=args.train)
-    test_images, test_labels = data.load_arrays("fashion_mnist", "test", limit=args.test)
-    d = {
-        "x": data.normalize(images, info),
-        "y": labels,
-        "xt": data.normalize(test_images, info),
-        "yt": test_labels,
-    }
-    d["probe"] = d["x"][:512]
-    results = {"args": vars(args), "arms": {}}
-    for name in args.arms.split(","):
-        arm = ARMS[name]
-        results["arms"][name] = {"arm": arm, "nr": run_arm(name, arm, d, args, nr=True)}
-        if not args.no_baseline:
-            results["arms"][name]["baseline"] = run_arm(name, arm, d, args, nr=False)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    names = args.arms.split(",")
+    unknown = [n for n in names if n not in ARMS and n not in SHIFT_ARMS]
+    if unknown:
+        p.error(f"--arms: unknown {unknown}; choose from {[*ARMS, *SHIFT_ARMS]}")
+    for name in names:
+        if name in ARMS:
+            trainer_arm(name, args)
+        else:
+            survivor_shift_arm(name, args)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ _LAZY_SUBMODULES = (
     "plots",
     "rejuvenation",
     "rescale",
+    "run_liveness",
     "steps",
     "train",
 )

@@ -78,6 +78,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.nr.recompute_bn_batches = 0
     c.nr.scheme = "removed"  # old/new neurons: "removed" (cross connections), "attention(4)"
     c.nr.resource = "params"  # budget measure: "params" or "flops"
+    # liveness criterion (nr_jax.criteria, issue 16): "auto" (nr_jax.criteria.suggest: "bn" for
+    # BatchNorm networks, the official rule; "norm" for GroupNorm / LayerNorm; "outgoing"
+    # without a scale), "bn", "norm" (any normalisation's scale), "outgoing" (‖outgoing
+    # weights‖₂) or "dormancy" (ReDo: mean |activation| over `activity_images` images / the
+    # layer's mean, dead at or below `dormancy_tau`); resolved by nr_jax.run_liveness
+    c.nr.criterion = "auto"
+    # sparsity pressure (nr_jax.sparsity.resolve): "auto" (suggest's: "l1" with a scale, else
+    # "group_lasso"), "l1" (L1 on the normalisation scales), "group_lasso" (on each channel's
+    # outgoing weights) or "none"; λ is `lam` whichever it is
+    c.nr.pressure = "auto"
+    c.nr.dormancy_tau = 0.1  # ReDo's τ of the "dormancy" criterion (nr_jax.criteria.Dormancy)
+    # "dormancy" at the epoch end: the activity over the first this many training images
+    # (evaluation preprocessing; a fixed batch); during an epoch each training batch's own
+    c.nr.activity_images = 512
     c.nr.threshold = 1e-2  # channel live iff |γ| >= threshold * max |γ| of its unit
     c.nr.dead_threshold = 1e-3  # unit all-dead iff max |γ| < dead_threshold
     c.nr.max_search_epochs = 30  # search epochs before giving up on the target
@@ -176,7 +190,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     values. Names are checked where their registry resolves them, with the same one-line message
     (`refuse`): `config.model`, `config.nr.scheme` and `config.conv_weight_grad` by
     `nr_jax.models.get`, `config.dataset` by `nr_jax.data.dataset_info`, `config.nr.allocation` by
-    `nr_jax.allocation.resolve`; `nr_jax.train.Trainer` resolves all of them before any compute.
+    `nr_jax.allocation.resolve`, `config.nr.criterion` and `config.nr.pressure` by
+    `nr_jax.run_liveness` (which also refuses a criterion, pressure or switch the model's
+    normalisation cannot serve); `nr_jax.train.Trainer` resolves all of them before any compute.
     """
     missing = [k for k in base_config() if k not in config]
     if missing:
@@ -272,6 +288,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             refuse("nr.scheme", nr.scheme, "'removed' with nr.cycles > 1 (only it merges)")
         if not nr.regrow or nr.compress_only or nr.rescale_target > 0:
             refuse("nr.cycles", nr.cycles, "1 with nr.regrow = False, compress_only or rescaling")
+    for field in ("criterion", "pressure"):
+        if not isinstance(nr[field], str):
+            refuse(f"nr.{field}", nr[field], "a name ('auto' = the model's suggestion)")
+    if not nr.dormancy_tau >= 0:
+        refuse("nr.dormancy_tau", nr.dormancy_tau, "a number >= 0 (ReDo's τ)")
+    n_act = nr.activity_images
+    if not isinstance(n_act, int) or isinstance(n_act, bool) or n_act < 1:
+        refuse("nr.activity_images", n_act, "an integer >= 1 (training images)")
     b = nr.recompute_bn_batches
     if not isinstance(b, int) or isinstance(b, bool) or b < 0:
         refuse("nr.recompute_bn_batches", b, "an integer >= 0 (0 = off)")

@@ -1,9 +1,11 @@
 """The NR outer step on the host, between two compiled phases (method.md 1.3).
 
-After a search epoch: the utilisation of the live network, the masks of all-dead units set to
-zero (sticky), the pure decision `nr_jax.controller.decide`, its λ written into the optimiser
+After a search epoch: the liveness by the run's criterion (`nr_jax.run_liveness`, computed once
+and handed to the surgery), the utilisation of the live network, the masks of all-dead units set
+to zero (sticky), the pure decision `nr_jax.controller.decide`, its λ written into the optimiser
 state, and, when it says so, the rejuvenation with the run's width rule (and neural rescaling,
-method.md 4.4). Every function here is pure: it takes a `TrainState` (and the model, graph and
+method.md 4.4, for BatchNorm networks only: `nr_jax.run_liveness.run_criterion` refuses it
+otherwise). Every function here is pure: it takes a `TrainState` (and the model, graph and
 `tx` of its width configuration) and returns new values; the trainer swaps in the new jitted steps.
 """
 
@@ -22,10 +24,12 @@ import optax
 from nr_jax.allocation import Allocation
 from nr_jax.allocation import resolve as resolve_allocation
 from nr_jax.controller import REJUVENATE, SEARCH, decide, end_of_cycle
+from nr_jax.criteria import Criterion
 from nr_jax.graph import ChannelGraph
 from nr_jax.layers import MASKS
-from nr_jax.live import liveness, utilization
+from nr_jax.live import Liveness, utilization
 from nr_jax.merging import Merged, merge
+from nr_jax.run_liveness import measure, run_criterion
 from nr_jax.slimming import prune
 from nr_jax.sparsity import get_lambda, set_lambda
 from nr_jax.steps import TrainState
@@ -60,10 +64,11 @@ def sticky_masks(masks: Any, dead: dict[str, Any]) -> Any:
 
 
 def with_variables(state: TrainState, variables: dict[str, Any], opt_state: Any) -> TrainState:
-    """`state` holding the new network's variables and optimiser state (after a surgery)."""
+    """`state` holding the new network's variables and optimiser state (after a surgery);
+    `batch_stats` {} when the variables have none (a network without BatchNorm)."""
     return state.replace(
         params=variables["params"],
-        batch_stats=variables["batch_stats"],
+        batch_stats=variables.get("batch_stats", {}),
         masks=variables[MASKS],
         opt_state=opt_state,
     )
@@ -76,17 +81,26 @@ def search_epoch_end(
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
     key: jax.Array,
+    *,
+    criterion: Criterion | None = None,
+    images: np.ndarray | None = None,
 ) -> tuple[TrainState, dict[str, Any], Rejuvenation | None]:
     """The once-per-epoch NR decision and what it asks for (nothing outside the search).
 
+    The liveness is computed once, by `criterion` (default: the run's, `run_criterion`), and the
+    surgery takes it. A criterion that needs activity ("dormancy") reads it over `images`, the
+    run's fixed activity batch (float32 (N, H, W, C), `nr.activity_images` training images).
+
     Returns the new state, an event dict (`utilization`, `lam`; `search_timeout`, `rejuvenation`
-    (the report), `gammas` (BN γ before surgery) when they happen) and the `Rejuvenation` or None.
+    (the report), `gammas` (the normalisation scales γ before surgery, of the units that have one)
+    when they happen) and the `Rejuvenation` or None.
     """
     nr = config.nr
     if int(state.controller.phase) != SEARCH:
         return state, {}, None
+    criterion = run_criterion(config, graph) if criterion is None else criterion
     host = jax.device_get(state.variables)
-    live = liveness(host, graph, threshold=nr.threshold, dead_threshold=nr.dead_threshold)
+    live = measure(criterion, host, graph, model, images, config.eval_batch_size)
     util = float(utilization(live, graph, nr.resource).ratio)
     ctrl, action = decide(state.controller, util, get_lambda(state.opt_state), config)
     state = state.replace(
@@ -103,10 +117,12 @@ def search_epoch_end(
         event["search_timeout"] = True
     if int(action.kind) != REJUVENATE:
         return state, event, None
-    state, res = rejuvenate_state(state, model, graph, tx, config, key)
+    state, res = rejuvenate_state(state, model, graph, tx, config, key, live=live)
     flat = flax.traverse_util.flatten_dict(host["params"])
-    event["gammas"] = {  # for the |γ| histograms of the run's plots
-        u.name.replace("/", "."): np.asarray(flat[(*u.path, "bn", "scale")]) for u in graph.units
+    event["gammas"] = {  # for the |γ| histograms of the run's plots (units without one: none)
+        u.name.replace("/", "."): np.asarray(flat[u.scale_path])
+        for u in graph.units
+        if u.scale_path is not None
     }
     event["rejuvenation"] = res.report
     return state, event, res
@@ -146,9 +162,15 @@ def rejuvenate_state(
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
     key: jax.Array,
+    *,
+    live: Liveness | None = None,
 ) -> tuple[TrainState, Rejuvenation]:
     """`nr_jax.rejuvenate` with the run's rules, applied to the state (λ kept as it is); with
-    `nr.regrow = False` the slimming control instead (`nr_jax.slimming.prune`)."""
+    `nr.regrow = False` the slimming control instead (`nr_jax.slimming.prune`).
+
+    `live` is the liveness the decision read (default: the run's criterion on the state's
+    variables, for criteria without activity); the surgery never recomputes it by the BN rule.
+    """
     nr = config.nr
     rules = dict(
         resource=nr.resource,
@@ -159,11 +181,14 @@ def rejuvenate_state(
     # host copies: the surgery is numpy work, and in a multi-process job the state's arrays span
     # other processes' devices (the trainer replicates the new state again)
     host = jax.device_get((state.variables, state.opt_state))
+    if live is None:
+        live = measure(run_criterion(config, graph), host[0], graph)
     args = (key, model, *host, tx, graph)
     if nr.regrow:
-        res = rejuvenate(*args, allocation=allocation_rule(config), new_gamma=nr.new_gamma, **rules)
+        alloc = allocation_rule(config)
+        res = rejuvenate(*args, live=live, allocation=alloc, new_gamma=nr.new_gamma, **rules)
     else:
-        res = prune(*args, **rules)
+        res = prune(*args, live=live, **rules)
     v = res.variables
     # official preset: a fresh optimiser (all momentum lost); improved: survivors' moments kept
     opt_state = tx.init(v["params"]) if config.preset == "official" else res.opt_state
@@ -175,7 +200,8 @@ def rescale_state(
     state: TrainState, graph: ChannelGraph, config: ml_collections.ConfigDict
 ) -> TrainState:
     """Neural rescaling (method.md 4.4) to `nr.rescale_target`, once (the controller's
-    `rescaled` flag); preserves the function."""
+    `rescaled` flag); preserves the function. BatchNorm networks only (it moves BN scales and
+    statistics): `nr_jax.run_liveness.run_criterion` refuses `nr.rescale_target` for others."""
     if bool(state.controller.rescaled):
         return state
     from nr_jax.rescale import rescale

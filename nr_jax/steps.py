@@ -2,10 +2,12 @@
 
 `TrainState` holds every array that changes during training (a `flax.struct.PyTreeNode`, arrays
 only), the NR controller's state among them. `make_optimizer` returns one complete optax
-optimiser (L1 on BN γ, weight decay, momentum, learning rate: PyTorch's order); the LR is an
-injected hyperparameter in its state (`set_learning_rate`) and λ lives in its `L1State`, so
-changing either never retraces. `Steps` jits `train_step(state, batch) -> (state, metrics)`
-(donated) and the eval step once per width configuration, with trace counters.
+optimiser (the run's sparsity pressure, weight decay, momentum, learning rate: PyTorch's order);
+the LR is an injected hyperparameter in its state (`set_learning_rate`) and λ lives in its
+`L1State`, so changing either never retraces. `Steps` jits `train_step(state, batch) -> (state,
+metrics)` (donated) and the eval step once per width configuration, with trace counters; the
+step's `utilization` metric is read with the run's liveness criterion (`nr_jax.run_liveness`).
+A network without BatchNorm has an empty `batch_stats` collection ({}), which every step keeps.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from nr_jax.controller import (
     schedule_epoch,
     steer_lambda,
 )
+from nr_jax.criteria import Criterion, activity_of, is_unit_call
 from nr_jax.graph import ChannelGraph
 from nr_jax.heads import head_logits, nr_loss
 from nr_jax.layers import BN_MOMENTUM, MASKS
-from nr_jax.live import liveness, utilization
-from nr_jax.sparsity import get_lambda, l1_bn_scales, set_lambda
+from nr_jax.live import utilization
+from nr_jax.run_liveness import pressure_name, run_criterion
+from nr_jax.sparsity import get_lambda, set_lambda
+from nr_jax.sparsity import resolve as resolve_pressure
 
 Mesh = jax.sharding.Mesh
 NamedSharding = jax.sharding.NamedSharding
@@ -45,7 +50,8 @@ class TrainState(flax.struct.PyTreeNode):
     Attributes:
       step: optimiser steps taken, int32.
       epoch: epochs completed, int32.
-      params, batch_stats, masks: the model's variable collections.
+      params, batch_stats, masks: the model's variable collections (`batch_stats` {} for a
+        network without BatchNorm).
       opt_state: the optax state (holds λ in its `L1State` and the LR in its hyperparameters).
       controller: the NR controller's state (phase, search epochs, ...), `ControllerState`.
       rng: PRNG key.
@@ -62,6 +68,9 @@ class TrainState(flax.struct.PyTreeNode):
 
     @property
     def variables(self) -> dict[str, Any]:
+        """The model's variables; without BatchNorm no (empty) `batch_stats` collection."""
+        if not self.batch_stats:
+            return {"params": self.params, MASKS: self.masks}
         return {"params": self.params, "batch_stats": self.batch_stats, MASKS: self.masks}
 
 
@@ -70,14 +79,16 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """The complete optimiser; a custom loop can use it as it is (`optax.apply_updates`).
 
-    SGD as the official `nr.SGD` (method.md 1.4): L1 on BN γ, then weight decay on every parameter,
-    then momentum, then the learning rate (PyTorch semantics). The LR is an injected
-    hyperparameter (`set_learning_rate`), λ lives in the `L1State` (`nr_jax.set_lambda`). The chain
-    depends only on the graph's structure, so it serves before and after rejuvenation.
+    SGD as the official `nr.SGD` (method.md 1.4): the sparsity pressure (`nr.pressure`, resolved
+    by `nr_jax.run_liveness.pressure_name`: L1 on BN γ for BatchNorm networks), then weight decay
+    on every parameter, then momentum, then the learning rate (PyTorch semantics). The LR is an
+    injected hyperparameter (`set_learning_rate`), λ lives in the pressure's `L1State`
+    (`nr_jax.set_lambda`, whichever pressure, "none" included). The chain depends only on the
+    graph's structure, so it serves before and after rejuvenation.
     """
     parts = []
     if config.nr.enabled:
-        parts.append(l1_bn_scales(graph, config.nr.lam))
+        parts.append(resolve_pressure(pressure_name(config, graph), graph, config.nr.lam))
     if config.optimizer == "sgd":
         parts += [optax.add_decayed_weights(config.weight_decay), optax.trace(config.momentum)]
     elif config.optimizer == "adamw":
@@ -127,7 +138,7 @@ def init_state(
         step=jnp.array(0, jnp.int32),
         epoch=jnp.array(0, jnp.int32),
         params=variables["params"],
-        batch_stats=variables["batch_stats"],
+        batch_stats=variables.get("batch_stats", {}),
         masks=variables[MASKS],
         opt_state=tx.init(variables["params"]),
         controller=init_controller(config),
@@ -150,6 +161,9 @@ class Steps:
 
     `steps_per_epoch` is needed by the within-epoch λ controller only (`nr.lam_control =
     "steps"`: `nr_jax.controller.steer_lambda`, applied inside the train step during the search).
+    `criterion` is the run's liveness criterion (default: `nr_jax.run_liveness.run_criterion`);
+    one that needs activity ("dormancy") reads the training batch's own, from the step's forward
+    pass (before the update), while the others read the variables after it.
     """
 
     def __init__(
@@ -161,8 +175,10 @@ class Steps:
         counter: dict[str, int],
         mesh: Mesh | None = None,
         steps_per_epoch: int = 0,
+        criterion: Criterion | None = None,
     ) -> None:
         self.model, self.tx, self.graph, self.config = model, tx, graph, config
+        self.criterion = run_criterion(config, graph) if criterion is None else criterion
         self.counter, self.steps_per_epoch = counter, steps_per_epoch
         self.data_sharding = None if mesh is None else NamedSharding(mesh, P("data"))
         if mesh is None:
@@ -195,27 +211,32 @@ class Steps:
 
     def _train(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         self.counter["train"] = self.counter.get("train", 0) + 1
-        model, tx = self.model, self.tx
+        model, tx, nr = self.model, self.tx, self.config.nr
+        # the dormancy criterion reads the batch's activity: every unit's output captured
+        capture = nr.enabled and self.criterion.needs_activity
+        extra = {"capture_intermediates": is_unit_call} if capture else {}
+        mutable = ["batch_stats", "intermediates"] if capture else ["batch_stats"]
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
             variables = {"params": params, "batch_stats": state.batch_stats, MASKS: state.masks}
-            out, upd = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+            out, upd = model.apply(variables, batch["image"], train=True, mutable=mutable, **extra)
             return nr_loss(out, batch["label"]), (out, upd)
 
         (loss, (out, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(
-            step=state.step + 1, params=params, batch_stats=upd["batch_stats"], opt_state=opt_state
+            step=state.step + 1,
+            params=params,
+            batch_stats=upd.get("batch_stats", {}),
+            opt_state=opt_state,
         )
         metrics = {"loss": loss, "lr": get_learning_rate(state.opt_state)}
         for name, logits in head_logits(out).items():
             metrics[f"accuracy_{name}"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        nr = self.config.nr
         if nr.enabled:
-            live = liveness(
-                new.variables, self.graph, threshold=nr.threshold, dead_threshold=nr.dead_threshold
-            )
+            act = activity_of(upd["intermediates"]) if capture else None
+            live = self.criterion(new.variables, self.graph, act)
             util = utilization(live, self.graph, nr.resource).ratio
             lam = get_lambda(opt_state)
             if nr.lam_control == "steps":
@@ -229,13 +250,14 @@ class Steps:
         return new, metrics
 
     def _batch_statistics(self, state: TrainState, batch: dict[str, jax.Array]) -> Any:
-        """The BN statistics of one training batch (train-mode forward pass, nothing updated)."""
+        """The BN statistics of one training batch (train-mode forward pass, nothing updated);
+        {} for a network without BatchNorm."""
         self.counter["batch_statistics"] = self.counter.get("batch_statistics", 0) + 1
         zero = jax.tree.map(jnp.zeros_like, state.batch_stats)
         variables = {"params": state.params, "batch_stats": zero, MASKS: state.masks}
         _, upd = self.model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
         # from zero running statistics one update leaves (1 - momentum) x the batch's
-        return jax.tree.map(lambda s: s / (1.0 - BN_MOMENTUM), upd["batch_stats"])
+        return jax.tree.map(lambda s: s / (1.0 - BN_MOMENTUM), upd.get("batch_stats", {}))
 
     def _eval(self, variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         self.counter["eval"] = self.counter.get("eval", 0) + 1
@@ -321,7 +343,13 @@ def evaluate_epoch(
 def recompute_batch_stats(steps: Steps, state: TrainState, batches: Iterator[dict]) -> TrainState:
     """`state` with BN running statistics replaced by the mean over `batches` of each training
     batch's statistics (precise BN); parameters untouched. For the eval-lag check of the search
-    (`nr.recompute_bn_batches`): the running averages lag γ while the L1 pressure shrinks it."""
+    (`nr.recompute_bn_batches`): the running averages lag γ while the L1 pressure shrinks it.
+
+    Raises:
+      ValueError: the network has no BatchNorm (no statistics to recompute), or no batches.
+    """
+    if not state.batch_stats:
+        raise ValueError("recompute_batch_stats: the network has no BatchNorm statistics")
     total, n = None, 0
     for batch in batches:
         stats = steps.batch_statistics(state, steps.global_batch(batch))
@@ -339,7 +367,8 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def check_finite(state: TrainState) -> None:
-    """Refuses to go on (and to checkpoint) with NaN or Inf in parameters or BN statistics."""
+    """Refuses to go on (and to checkpoint) with NaN or Inf in parameters or BN statistics (none
+    without BatchNorm)."""
     if not bool(_all_finite((state.params, state.batch_stats))):
         raise FloatingPointError(
             f"NaN or Inf in the parameters or BN statistics after epoch {int(state.epoch)}; "

@@ -7,7 +7,8 @@ epoch extension), so a run is k search epochs plus the configured E epochs; exac
 rejuvenation happens, after which λ is `nr.lam_after` (0 by default). The LR of every epoch is set
 in the optimiser state at its start. One model object and one pair of jitted steps (`nr_jax.steps`,
 whose names this module re-exports) exist per width configuration: the steps are traced exactly
-once per width configuration.
+once per width configuration. The liveness criterion and the sparsity pressure are the run's
+(`nr.criterion`, `nr.pressure`: `nr_jax.run_liveness`), resolved when the `Trainer` is built.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from nr_jax.rejuvenation import (
     rescale_state,
     search_epoch_end,
 )
+from nr_jax.run_liveness import run_criterion
 from nr_jax.run_state import check_resumable, checkpoint_meta, restore_run
 from nr_jax.steps import (
     Steps,
@@ -79,7 +81,9 @@ log = logging.getLogger("nr_jax")
 
 
 class Trainer:
-    """Holds the per-width-configuration objects (model, graph, jitted steps) of one run."""
+    """Holds the per-width-configuration objects (model, graph, jitted steps) of one run, and
+    its liveness criterion (`criterion`) with, for one that needs activity ("dormancy"), the
+    fixed batch of training images it reads at the epoch end (`activity_images`, `use_data`)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str) -> None:
         self.config, self.workdir = config, workdir
@@ -105,8 +109,11 @@ class Trainer:
         )
         allocation_rule(config)  # refuses an unknown nr.allocation now, before any compute
         self.graph = channel_graph(self.model, self.input_shape)
+        # nr.criterion / nr.pressure resolved (and refused where the model cannot serve them)
+        self.criterion = run_criterion(config, self.graph)
         self.tx = make_optimizer(config, self.graph)  # built once, reused after rejuvenation
         self.steps_per_epoch = 0  # known once the data is: `use_data`
+        self.activity_images: np.ndarray | None = None
         self.steps = self._steps()
 
     def _steps(self) -> Steps:
@@ -118,11 +125,15 @@ class Trainer:
             self.counter,
             self.mesh,
             steps_per_epoch=self.steps_per_epoch,
+            criterion=self.criterion,
         )
 
-    def use_data(self, steps_per_epoch: int) -> None:
-        """Sets the run's steps per epoch (the within-epoch λ controller's clock)."""
+    def use_data(self, steps_per_epoch: int, activity_images: np.ndarray | None = None) -> None:
+        """Sets the run's steps per epoch (the within-epoch λ controller's clock) and the images
+        the "dormancy" criterion reads at the epoch end (float32 (N, H, W, C), evaluation
+        preprocessing; `nr_jax.data.RunData.first_images`)."""
         self.steps_per_epoch = steps_per_epoch
+        self.activity_images = activity_images
         self.steps = self._steps()
 
     def place(self, state: TrainState) -> TrainState:
@@ -154,7 +165,9 @@ class Trainer:
                 self.steps = self._steps()
             return self.place(state), event
         state, event, res = search_epoch_end(
-            state, self.model, self.graph, self.tx, self.config, key
+            *(state, self.model, self.graph, self.tx, self.config, key),
+            criterion=self.criterion,
+            images=self.activity_images,
         )
         if res is not None:
             self.model, self.graph = res.model, res.graph
@@ -247,7 +260,10 @@ def _open(
         if ckpt is not None:
             ckpt.close()
         raise
-    trainer.use_data(data.steps_per_epoch)
+    images = None  # the dormancy criterion's epoch-end batch: the first training images
+    if config.nr.enabled and trainer.criterion.needs_activity:
+        images = data.first_images(config.nr.activity_images)
+    trainer.use_data(data.steps_per_epoch, images)
     os.makedirs(workdir, exist_ok=True)
     key = jax.random.key(config.seed)
     state = trainer.place(
@@ -319,7 +335,8 @@ def _rejuvenated(run: _Run, epoch: int, event: dict[str, Any]) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(run.workdir, "rejuvenation.json"), "w") as f:
             json.dump({"epoch": epoch + 1, **run.report.as_dict()}, f, indent=1)
-        np.savez(os.path.join(run.workdir, "gammas_at_rejuvenation.npz"), **event["gammas"])
+        if event["gammas"]:  # none for units without a normalisation scale
+            np.savez(os.path.join(run.workdir, "gammas_at_rejuvenation.npz"), **event["gammas"])
 
 
 def _finish(run: _Run, state: TrainState, wall: float) -> dict[str, Any]:

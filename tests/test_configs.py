@@ -48,6 +48,9 @@ BAD = [
     ("nr.min_width", 0, "config.nr.min_width"),
     ("nr.new_gamma", 0.0, "config.nr.new_gamma"),
     ("nr.rescale_target", -0.5, "config.nr.rescale_target"),
+    ("nr.dormancy_tau", -0.1, "config.nr.dormancy_tau"),
+    ("nr.activity_images", 0, "config.nr.activity_images"),
+    ("nr.criterion", None, "config.nr.criterion"),
 ]
 
 
@@ -62,7 +65,8 @@ def test_bad_value_is_refused_by_name(field, value, match):
 
 
 # names are resolved by their registries (models, datasets, schemes, kernel modes, allocation
-# rules), with the same one-line message, when the run builds its trainer: before any compute
+# rules, liveness criteria and pressures), with the same one-line message, when the run builds
+# its trainer: before any compute
 BAD_NAMES = [
     ("model", "resnet9000", "config.model"),
     ("dataset", "mnist3d", "config.dataset"),
@@ -70,6 +74,8 @@ BAD_NAMES = [
     ("nr.scheme", "grouped", "config.nr.scheme"),
     ("nr.allocation", "cubic", "config.nr.allocation"),
     ("nr.allocation", "round", "config.nr.allocation"),
+    ("nr.criterion", "gamma", "config.nr.criterion"),
+    ("nr.pressure", "l2", "config.nr.pressure"),
 ]
 
 

@@ -422,7 +422,8 @@ def test_mlp_budget():
 def test_trains_through_one_rejuvenation_with_one_trace_per_width(name, pressure, criterion):
     """The BN-free CNN (group lasso, "outgoing") and the MLP (no pressure, "dormancy") train,
     rejuvenate and train on: one trace per width configuration, both heads learning, all finite.
-    (The trainer takes these once it reads `nr.criterion` / `nr.pressure`.)"""
+    (The trainer's runs with `nr.criterion` / `nr.pressure`: tests/test_families.py and
+    tests/test_trainer_criteria.py.)"""
     model = nr_jax.models.get(name, num_classes=10)
     graph = nr_jax.channel_graph(model, X.shape)
     variables = jax.jit(lambda k: model.init(k, X, train=False))(jax.random.key(0))

@@ -87,10 +87,9 @@ CASES = [
     Case("resnet_tiny_cifar", PRUNE, dead="s2b1_conv1", train=False),
     Case("densenet_tiny", nr={"allocation": "integer"}),
     Case("vgg_imagenet_tiny"),
-    # units without BatchNorm; the trainer reads BN γ only until it takes a criterion
-    # (issue 16: the train-loop wiring), so their trainer case waits for it
-    Case("cnn_nobn_tiny", criterion="outgoing", train=False),
-    Case("mlp_tiny", criterion="outgoing", train=False),
+    # units without BatchNorm: the trainer's "auto" criterion is "outgoing" (group lasso)
+    Case("cnn_nobn_tiny", criterion="outgoing"),
+    Case("mlp_tiny", criterion="outgoing"),
 ]
 TRAIN_CASES = [c for c in CASES if c.train]
 
@@ -296,13 +295,20 @@ def test_train_steps_with_one_rejuvenation(case):
     config = trainer_config(case)
     trainer = train.Trainer(config, workdir="")
     assert trainer.graph == nr_jax.channel_graph(case.model(), (1, 28, 28, 1))
+    assert nr_jax.run_liveness.criterion_name(config, trainer.graph) == case.criterion
     state = train.init_state(trainer.model, trainer.tx, config, (28, 28, 1), jax.random.key(0))
+    flat = flax.traverse_util.flatten_dict(state.params)
     for u in trainer.graph.units:  # the family's γ initialisation (method.md 7.7)
-        np.testing.assert_array_equal(state.params[u.name]["bn"]["scale"], trainer.model.gamma_init)
+        if u.scale_path is not None:
+            np.testing.assert_array_equal(flat[u.scale_path], trainer.model.gamma_init)
     for i in range(case.steps_before):
         state, metrics = trainer.steps.train(state, synthetic_batch(i))
         assert float(metrics["utilization"]) == 1.0
-    variables, _ = random_gammas(jax.device_get(state.variables), trainer.graph, seed=3)
+    host = jax.device_get(state.variables)
+    if case.criterion == "outgoing":  # dead channels: shrunk outgoing weights, else small γ
+        variables = shrink_outgoing(host, trainer.graph, seed=3)
+    else:
+        variables, _ = random_gammas(host, trainer.graph, seed=3)
     state, event = trainer.epoch_end(state.replace(params=variables["params"]), jax.random.key(1))
     assert "rejuvenation" in event and trainer.graph.rejuvenated
     assert all(u.out_split is not None for u in trainer.graph.units)

@@ -154,6 +154,24 @@ class RunData:
             raise ValueError("val_batches: this run has no validation split (config.val_size = 0)")
         return self._eval_batches(self.val)
 
+    def first_images(self, n: int) -> np.ndarray:
+        """The first ``min(n, num_train)`` training images, preprocessed as for evaluation.
+
+        A fixed batch (stored order, after the validation split and ``train_limit``), e.g. for
+        the activity the "dormancy" liveness criterion reads at every epoch end
+        (``config.nr.activity_images``).
+
+        Returns:
+            float32 ``(min(n, num_train), H, W, C)``.
+        """
+        n = min(int(n), self.num_train)
+        if n < 1:
+            raise ValueError(f"first_images: need n >= 1 and training images, got n = {n}")
+        if not self.streamed:
+            return pipeline.to_float(self.train[0][:n], self.info)
+        batches = source_pipeline.eval_batches_from_source(self.train[:n], n, info=self.info)
+        return np.asarray(next(iter(batches))["image"])[:n]
+
     def _eval_batches(self, split: Any) -> grain.DatasetIterator:
         c = self.config
         if self.streamed:
