@@ -22,6 +22,8 @@ from nr_jax.live import count
 
 log = logging.getLogger("nr_jax")
 
+REJUVENATIONS = "rejuvenations.json"  # every rejuvenation of a run (one per cycle), in order
+
 EPOCH_LINE_KEYS = (
     "train_loss",
     "val_accuracy_sum",
@@ -177,3 +179,13 @@ def summarize(
         summary["rejuvenation_epoch"] = rej["epoch"]
         summary["utilization_at_rejuvenation"] = rej["epoch_utilization"]
     return summary
+
+
+def read_rejuvenations(workdir: str) -> list[dict[str, Any]]:
+    """Every rejuvenation of the run in `workdir`, in order (`rejuvenations.json`: `cycle`,
+    `epoch` and the report of each); [] before the first."""
+    path = os.path.join(workdir, REJUVENATIONS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from nr_jax.metrics import read_rejuvenations
+
 
 def _records(workdir: str) -> list[dict[str, Any]]:
     path = os.path.join(workdir, "metrics.jsonl")
@@ -40,7 +42,12 @@ def plot_run(workdir: str) -> list[str]:
     """Writes every plot the run's files allow; returns the paths written."""
     records = _records(workdir)
     written = []
-    cycles = _rejuvenations(workdir)
+    cycles = read_rejuvenations(workdir)
+    if not cycles and os.path.exists(os.path.join(workdir, "rejuvenation.json")):
+        with open(
+            os.path.join(workdir, "rejuvenation.json")
+        ) as f:  # runs before rejuvenations.json
+            cycles = [json.load(f)]
     rejuvenation = cycles[-1] if cycles else None
     plt = _plt()
     steps = [r for r in records if "train/utilization" in r or "train/loss" in r]
@@ -109,18 +116,6 @@ def plot_run(workdir: str) -> list[str]:
         fig.suptitle("log10 |γ| at rejuvenation (red: liveness threshold)")
         written.append(_save(fig, workdir, "gammas.png"))
     return written
-
-
-def _rejuvenations(workdir: str) -> list[dict[str, Any]]:
-    """Every rejuvenation's report, in order (`rejuvenations.json`; runs written before it existed
-    have only `rejuvenation.json`, the last one)."""
-    for name in ("rejuvenations.json", "rejuvenation.json"):
-        path = os.path.join(workdir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                found = json.load(f)
-            return found if isinstance(found, list) else [found]
-    return []
 
 
 def _plot_cycles(plt: Any, workdir: str, cycles: list[dict[str, Any]]) -> str:

@@ -34,7 +34,14 @@ from nr_jax.config import ConfigError, validate
 from nr_jax.controller import REJUVENATED, SEARCH, phase_name, total_epochs
 from nr_jax.graph import channel_graph
 from nr_jax.layers import WidthSpec
-from nr_jax.metrics import MetricWriter, format_record, log_widths, summarize
+from nr_jax.metrics import (
+    REJUVENATIONS,
+    MetricWriter,
+    format_record,
+    log_widths,
+    read_rejuvenations,
+    summarize,
+)
 from nr_jax.rejuvenation import (
     allocation_name,
     allocation_rule,
@@ -210,7 +217,8 @@ def train_and_evaluate(
     """Trains `config.model` on `config.dataset` with Neural Rejuvenation; returns a summary.
 
     Writes into `workdir`: `metrics.jsonl`, TensorBoard events (`tb/`), checkpoints
-    (`checkpoints/`, resumed automatically), `rejuvenation.json` and `summary.json`.
+    (`checkpoints/`, resumed automatically), `rejuvenation.json` (the last rejuvenation),
+    `rejuvenations.json` (every one, with its cycle) and `summary.json`.
     `callbacks` (`nr_jax.callbacks.Callbacks`) are called at fixed points of the run.
     """
     multihost.start(config)  # several processes: one jax.distributed job, before any device
@@ -333,8 +341,13 @@ def _rejuvenated(run: _Run, epoch: int, event: dict[str, Any]) -> None:
     log.info("%s", run.report.summary())
     log_widths(run.trainer.graph, "after rejuvenation")
     if jax.process_index() == 0:
+        entry = {"epoch": epoch + 1, **run.report.as_dict()}
         with open(os.path.join(run.workdir, "rejuvenation.json"), "w") as f:
-            json.dump({"epoch": epoch + 1, **run.report.as_dict()}, f, indent=1)
+            json.dump(entry, f, indent=1)
+        # one entry per rejuvenation (cycle); entries from epochs a resume is redoing are replaced
+        earlier = [r for r in read_rejuvenations(run.workdir) if r["epoch"] < entry["epoch"]]
+        with open(os.path.join(run.workdir, REJUVENATIONS), "w") as f:
+            json.dump([*earlier, {"cycle": len(earlier) + 1, **entry}], f, indent=1)
         if event["gammas"]:  # none for units without a normalisation scale
             np.savez(os.path.join(run.workdir, "gammas_at_rejuvenation.npz"), **event["gammas"])
 
@@ -356,6 +369,8 @@ def _finish(run: _Run, state: TrainState, wall: float) -> dict[str, Any]:
         summary["rejuvenation"] = run.report.as_dict()
     if jax.process_index() != 0:
         return summary
+    if run.config.nr.cycles > 1:
+        summary["rejuvenations"] = read_rejuvenations(run.workdir)
     with open(os.path.join(run.workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if run.config.plots:

@@ -141,5 +141,11 @@ def test_two_cycles_end_to_end(tmp_path):
     model = nr_jax.models.get("vgg_tiny", num_classes=10)
     start = nr_jax.count(nr_jax.channel_graph(model, (1, 28, 28, 1))).conv
     reju = json.loads((tmp_path / "rejuvenation.json").read_text())  # the second one
+    # every rejuvenation recorded with its cycle, and the cycles plotted
+    cycles = json.loads((tmp_path / "rejuvenations.json").read_text())
+    assert [(r["cycle"], r["epoch"]) for r in cycles] == [(1, rejuvenated[0]), (2, rejuvenated[1])]
+    assert cycles[-1] == {"cycle": 2, **reju} and summary["rejuvenations"] == cycles
+    assert cycles[1]["widths_before"] == cycles[0]["widths_after"]  # the merge keeps the widths
+    assert str(tmp_path / "cycles.png") in nr_jax.plots.plot_run(str(tmp_path))
     for counts in (reju["counts_before"], reju["counts_after"]):  # the budget kept
         assert abs(counts["conv"] - start) <= 0.05 * start
