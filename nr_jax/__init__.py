@@ -62,6 +62,7 @@ _LAZY_SUBMODULES = (
     "run_liveness",
     "steps",
     "train",
+    "trainer",
 )
 
 
