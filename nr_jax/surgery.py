@@ -18,7 +18,6 @@ its output channels; a GroupNorm / LayerNorm unit's new channels form groups of 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -30,15 +29,15 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from nr_jax import norms, planning
+from nr_jax import planning
 from nr_jax.allocation import Allocation
-from nr_jax.graph import INPUT, ChannelGraph, channel_graph
-from nr_jax.layers import MASKS, UnitWidth, WidthSpec
+from nr_jax.derived import derived_graph, derived_widths
+from nr_jax.graph import ChannelGraph, channel_graph
+from nr_jax.layers import MASKS, WidthSpec
 from nr_jax.live import Liveness, count, liveness
 from nr_jax.optstate import Axis, carry, remap_opt_state
 from nr_jax.planning import Plan
 from nr_jax.report import Rejuvenation, RejuvenationReport
-from nr_jax.tracing import merge_segments
 
 __all__ = ["Rejuvenation", "RejuvenationReport", "apply_plan", "host_rng", "rejuvenate"]
 
@@ -150,8 +149,8 @@ def apply_plan(
     plan.check(graph)
     host = _host(variables)
     new_vars, axes = _new_variables(host, graph, plan, host_rng(key), new_gamma)
-    new_model = model.clone(widths=_width_spec(graph, plan))
-    new_graph = _derived_graph(graph, plan)
+    new_model = model.clone(widths=derived_widths(graph, plan))
+    new_graph = derived_graph(graph, plan)
     if check:
         traced = channel_graph(new_model, graph.input_shape)
         if traced != new_graph:
@@ -176,60 +175,6 @@ def apply_plan(
     )
     new_vars, state = jax.device_put((new_vars, state))
     return Rejuvenation(new_model, new_vars, state, new_graph, report)
-
-
-def _derived_graph(graph: ChannelGraph, plan: Plan) -> ChannelGraph:
-    """The graph of the rejuvenated model, without tracing it: same structure, new widths.
-
-    Input segments follow the layout the layers build: a single producer keeps one segment over
-    its whole new width; a concatenation lists every producer's survivors, then every
-    producer's new channels (`nr_jax.layers.concat(..., splits=...)`).
-    """
-    units = []
-    for u in graph.all_units:
-        p = plan[u.name]
-        segs = []
-        for producers, start, stop in u.inputs:
-            if INPUT in producers:
-                segs.append(((producers, start, stop), None))
-            else:
-                q = plan[sorted(producers)[0]]
-                segs.append(((producers, 0, q.d_out), len(q.out_src)))
-        if len(segs) > 1 and all(k is not None for _, k in segs):  # a concatenation
-            old = [(pr, 0, k) for (pr, _, _), k in segs]
-            new = [(pr, k, d) for (pr, _, d), k in segs]
-            inputs = merge_segments(old + new)
-        else:
-            inputs = merge_segments([seg for seg, _ in segs])
-        conv = u.kind == "conv"
-        units.append(
-            dataclasses.replace(
-                u,
-                inputs=inputs,
-                in_channels=p.d_in,
-                out_channels=p.d_out if conv else u.out_channels,
-                in_split=len(p.in_src),
-                out_split=len(p.out_src) if conv else None,
-                norm_groups=norms.regroup(u.norm, u.norm_groups, p.out_src, p.d_out)
-                if conv
-                else u.norm_groups,
-            )
-        )
-    convs = tuple(x for x in units if x.kind == "conv")
-    head = next((x for x in units if x.kind == "classifier"), None)
-    return ChannelGraph(convs, head, graph.ties, graph.input_shape)
-
-
-def _width_spec(graph: ChannelGraph, plan: Plan) -> WidthSpec:
-    entries = {}
-    for u in graph.all_units:
-        p = plan[u.name]
-        if u.kind == "conv":
-            groups = norms.regroup(u.norm, u.norm_groups, p.out_src, p.d_out)
-            entries[u.name] = UnitWidth(p.d_out, len(p.in_src), len(p.out_src), groups)
-        else:
-            entries[u.name] = UnitWidth(u.out_channels, len(p.in_src), None)
-    return WidthSpec.from_dict(entries)
 
 
 # the value of a new channel in a unit's per-channel leaves, by leaf name (others: 0)
