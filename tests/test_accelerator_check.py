@@ -37,23 +37,8 @@ ENV = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def run_commands(tmp: Path, commands: dict[str, list[str]]) -> dict[str, tuple]:
     """{name: (returncode, stdout, stderr, out_dir)} of the command lines, run concurrently."""
-    tmp = tmp_path_factory.mktemp("accelerator")
-    subset = tmp / "subset.npz"
-    train, test = synthetic_subset(128, 64, seed=1)
-    write_subset(subset, train, test, source="synthetic (test)")
-    args = {
-        "smoke": ["--cpu_smoke", f"--fmnist_npz={subset}", "--deadline_s=900"],
-        "no_gpu": [],
-    }
-    commands = {
-        name: ["-m", "experiments.accelerator_check", f"--out={tmp / name}", *a]
-        for name, a in args.items()
-    }
-    bundle_args = [f"--dest={tmp}", "--nowheels"]
-    commands["bundle_outside"] = ["-m", "experiments.accelerator_bundle", *bundle_args]
     procs = {
         name: subprocess.Popen(
             [sys.executable, *command],
@@ -72,13 +57,37 @@ def runs(tmp_path_factory):
     return out
 
 
+def check_command(tmp: Path, name: str, *args: str) -> list[str]:
+    return ["-m", "experiments.accelerator_check", f"--out={tmp / name}", *args]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The quick command lines: no GPU, and the bundle refusing a destination outside."""
+    tmp = tmp_path_factory.mktemp("accelerator")
+    bundle = ["-m", "experiments.accelerator_bundle", f"--dest={tmp}", "--nowheels"]
+    return run_commands(tmp, {"no_gpu": check_command(tmp, "no_gpu"), "bundle_outside": bundle})
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The whole check in its CPU smoke mode on a synthetic Fashion-MNIST subset (~35 s)."""
+    tmp = tmp_path_factory.mktemp("accelerator_smoke")
+    subset = tmp / "subset.npz"
+    train, test = synthetic_subset(128, 64, seed=1)
+    write_subset(subset, train, test, source="synthetic (test)")
+    args = ("--cpu_smoke", f"--fmnist_npz={subset}", "--deadline_s=900")
+    return run_commands(tmp, {"smoke": check_command(tmp, "smoke", *args)})["smoke"]
+
+
 def _report(out_dir: Path) -> dict:
     assert (out_dir / report.MD_NAME).read_text().startswith("# nr_jax accelerator check")
     return json.loads((out_dir / report.JSON_NAME).read_text())
 
 
-def test_cpu_smoke_reports_every_section(runs):
-    code, stdout, stderr, out_dir = runs["smoke"]
+@pytest.mark.slow  # ~35 s: the default run is near CI's 15 minutes; `make test-all` runs it
+def test_cpu_smoke_reports_every_section(smoke):
+    code, stdout, stderr, out_dir = smoke
     assert code == 0, stderr
     r = _report(out_dir)
     assert list(r["sections"]) == list(SECTIONS)

@@ -168,7 +168,8 @@ def test_two_processes_train_as_one_job(job):
     assert second["writes"] == []
     tb = [f"tb/{name}" for name in os.listdir(job / "tb")]
     assert len(tb) == 1
-    written = ["metrics.jsonl", *tb, "rejuvenation.json", "gammas_at_rejuvenation.npz"]
+    written = ["metrics.jsonl", *tb, "rejuvenation.json", "rejuvenations.json"]
+    written.append("gammas_at_rejuvenation.npz")
     assert first["writes"] == [*written, "summary.json"]
 
     # the same plan and bit-identical new variables on both processes, replicated on all devices
