@@ -36,8 +36,11 @@ FIGURES = {
 }
 
 
-def figure(result: dict[str, Any], path: str) -> float:
+def figure(result: dict[str, Any], path: str) -> float | None:
+    """The figure at `path`, or None when its section was not run (`--sections`)."""
     for key in path.split("/"):
+        if not isinstance(result, dict) or key not in result:
+            return None
         result = result[key]
     return float(result)
 
@@ -58,19 +61,26 @@ def table(directory: str) -> str:
         "| figure | old (median) | new (median) | new/old speed per alternation | median |",
         "|---|---|---|---|---|",
     ]
+    skipped = []
     for path, kind in FIGURES.items():
         old = [figure(r, path) for r in runs["old"][:n]]
         new = [figure(r, path) for r in runs["new"][:n]]
+        if None in old or None in new:
+            skipped.append(path)
+            continue
         ratios = [o / w if kind == "time" else w / o for o, w in zip(old, new, strict=True)]
         lines.append(
             f"| {path} | {statistics.median(old):.4g} | {statistics.median(new):.4g} | "
             + ", ".join(f"{x:.3f}" for x in ratios)
             + f" | {statistics.median(ratios):.3f} |"
         )
+    if skipped:
+        lines.append(f"- not in every run (section not run): {', '.join(skipped)}")
     for side in ("old", "new"):
         for i, r in enumerate(runs[side][:n], 1):
+            traces = r.get("compilations", {}).get("traces", "not run")
             lines.append(
-                f"- {side} {i}: traces {r['compilations']['traces']}, wall {r['wall_s']:.0f} s, "
+                f"- {side} {i}: traces {traces}, wall {r['wall_s']:.0f} s, "
                 f"load average at start {[round(x, 2) for x in r['load_average_start']]}"
             )
     return "\n".join(lines)
