@@ -119,9 +119,8 @@ def rejuvenate(
     the_plan = planning.plan(
         graph, live, resource=resource, allocation=allocation, min_width=min_width
     )
-    return apply_plan(
-        key, the_plan, model, host, opt_state, tx, graph, new_gamma=new_gamma, check=check
-    )
+    # the planner's own plan fits the graph: `apply_plan`'s check of a given plan is skipped
+    return _apply(key, the_plan, model, host, opt_state, tx, graph, new_gamma, check)
 
 
 def apply_plan(
@@ -147,7 +146,21 @@ def apply_plan(
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a nr_jax.Plan, got {type(plan).__name__}")
     plan.check(graph)
-    host = _host(variables)
+    return _apply(key, plan, model, _host(variables), opt_state, tx, graph, new_gamma, check)
+
+
+def _apply(
+    key: jax.Array,
+    plan: Plan,
+    model: nn.Module,
+    host: dict,
+    opt_state: Any,
+    tx: optax.GradientTransformation,
+    graph: ChannelGraph,
+    new_gamma: float,
+    check: bool,
+) -> Rejuvenation:
+    """`apply_plan` on host variables and a plan known to fit `graph`."""
     new_vars, axes = _new_variables(host, graph, plan, host_rng(key), new_gamma)
     new_model = model.clone(widths=derived_widths(graph, plan))
     new_graph = derived_graph(graph, plan)
