@@ -28,7 +28,6 @@ for model in ("vgg_fmnist", "resnet_fmnist"):
         txt = re.sub(r", metadata=\{[^}]*\}", "", txt)
         ops = collections.Counter(re.findall(r"= [a-z0-9\[\],{}: ]*? ([a-z\-]+)\(", txt))
         cost = c.cost_analysis(); cost = cost[0] if isinstance(cost, list) else cost
-        convs = sorted(re.findall(r"convolution\([^\n]*?window=\{[^}]*\}[^\n]*?dim_labels=[^ ,]*", txt))
         conv_shapes = sorted(re.findall(r"(f32\[[0-9,]*\]\{[0-9,]*\}) convolution", txt))
         out[f"{model}/{name}"] = {"flops": cost.get("flops"), "bytes": cost.get("bytes accessed"),
                                   "ops": dict(ops), "convs": len(conv_shapes), "conv_shapes": conv_shapes,

@@ -1,7 +1,7 @@
 """Per-function time of one rejuvenation of a full-size network (median of 10 after 2), for the
 parity README: `PYTHONPATH=<worktree> python phases.py densenet121 liveness,_new_variables,...`
 (names of `nr_jax.surgery` functions to time; those the commit lacks are skipped)."""
-import sys, time, functools, statistics, jax, numpy as np, optax
+import sys, time, statistics, jax, numpy as np, optax
 import nr_jax
 from nr_jax import surgery
 name = sys.argv[1]
@@ -15,20 +15,16 @@ for u in graph.prunable:
 tx = optax.chain(nr_jax.l1_bn_scales(graph, 1e-4), optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
 opt_state = jax.tree.map(np.asarray, tx.init(variables["params"]))
 acc = {}
-def wrap(mod, fname):
-    f = getattr(mod, fname)
-    def g(*a, **k):
+def wrap(owner, fname):
+    f = getattr(owner, fname)
+    def timed(*a, **k):
         t = time.perf_counter(); r = f(*a, **k); acc.setdefault(fname, []).append(time.perf_counter() - t); return r
-    setattr(mod, fname, g)
+    setattr(owner, fname, timed)
 for fn in sys.argv[2].split(","):
     if hasattr(surgery, fn): wrap(surgery, fn)
 try:  # the redesign's planner (absent at 8ceb7e7)
     from nr_jax import planning
-    for owner, fname in ((planning.Plan, "check"), (surgery.planning, "plan")):
-        f = getattr(owner, fname)
-        def timed(*a, _f=f, _n=fname, **k):
-            t = time.perf_counter(); r = _f(*a, **k); acc.setdefault(_n, []).append(time.perf_counter() - t); return r
-        setattr(owner, fname, timed)
+    wrap(planning.Plan, "check"); wrap(surgery.planning, "plan")
 except ImportError:
     pass
 tot = []
