@@ -223,6 +223,19 @@ def test_every_arm_validates_and_extends_as_specified():
         eval_table.get_config("baseline_Ek")
 
 
+def test_table_arms_take_the_chosen_setting_and_widths():
+    for arch in eval_table.ARCHS:
+        table = eval_table.get_config("nr", arch)
+        assert table.nr.target == eval_table.CHOSEN["nr.target"] != eval_table.base(arch).nr.target
+        assert table.model_kwargs.width_multiplier == eval_table.TABLE_WIDTH[arch]
+        baseline = eval_table.get_config("baseline_Ek", arch, nr_result=NR_RESULT)
+        assert baseline.model_kwargs.width_multiplier == eval_table.TABLE_WIDTH[arch]
+    # the sweep keeps its own base (the record the choice was made on)
+    assert eval_table.get_config("sweep:base", "vgg").nr.target == eval_table.base("vgg").nr.target
+    names = [r.arm for r in evaluate.plan("eval", ["vgg"], ["baseline_Ek", "slimming", "nr"], [0])]
+    assert names == ["nr", "slimming", "baseline_Ek"]  # slimming while the search checkpoint exists
+
+
 def test_compute_matched_k_on_paper():
     per_epoch = {"steps_per_epoch": 100, "cost": {"macs_per_step_before": 10}}
     for macs, k in [(14_000, 0), (15_000, 0), (15_001, 1), (20_500, 6)]:
