@@ -9,6 +9,7 @@ import pytest
 from experiments import evaluate
 from experiments.configs import eval_table
 from experiments.evaluation import provenance
+from experiments.evaluation.provenance import ISA_FLAGS
 from nr_jax import models, train
 from nr_jax.config import ConfigError, validate
 from nr_jax.graph import channel_graph
@@ -133,6 +134,9 @@ def test_driver_resumes_skips_and_refuses(tmp_path, fingerprint):
     nr, base = out[0][2], out[1][2]
     assert nr == json.loads(runs[0].result_path(table.results_root).read_text())
     assert nr["fingerprint"] == "code-a" and nr["seed"] == 0 and nr["arm"] == "nr"
+    # the machine is recorded; started and finished on this one, so no `machine_at_start`
+    assert nr["machine"]["cpu_count"] >= 1 and nr["machine"]["backend"] == "cpu"
+    assert "machine_at_start" not in nr and set(nr["machine"]["isa"]) <= set(ISA_FLAGS)
     assert len(nr["epochs"]) == nr["epochs_run"] == eval_table.E + 2
     assert nr["final"] == {"epoch": eval_table.E + 2, "test_accuracy_sum": 0.8}
     assert nr["steps_per_epoch"] == 10 and nr["cost"]["steps"] == 170

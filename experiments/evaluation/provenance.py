@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 from importlib import metadata
@@ -80,6 +81,37 @@ def versions() -> dict[str, str]:
     return out
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # those that change XLA's CPU kernels
+
+
+def machine() -> dict[str, Any]:
+    """What computed the results: the CPU (model, logical CPUs, the vector extensions XLA's CPU
+    code generation depends on) and the JAX backend. Runs of one config on the same code and
+    versions are bit-identical on one machine kind, not across CPU kinds (rounding differs)."""
+    import jax
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return {
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "backend": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+    }
+
+
 def read_json(path: Path) -> dict[str, Any]:
     with open(path) as f:
         return json.load(f)
@@ -126,5 +158,5 @@ def prepare_workdir(workdir: Path, fingerprint: str, config_json: Any) -> bool:
         return True
     if workdir.exists() and any(workdir.iterdir()):
         raise MixedCodeError(f"{workdir} exists without {MARKER}: refusing to resume unknown code")
-    write_json(marker, {"fingerprint": fingerprint, "config": config_json})
+    write_json(marker, {"fingerprint": fingerprint, "config": config_json, "machine": machine()})
     return False

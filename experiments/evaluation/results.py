@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from experiments.evaluation.provenance import git_commit, versions
+from experiments.evaluation.provenance import MARKER, git_commit, machine, read_json, versions
 from experiments.evaluation.runs import Run
 
 
@@ -58,6 +58,15 @@ def _strip_test(obj: Any) -> Any:
     return obj
 
 
+def _machines(workdir: Path) -> dict[str, Any]:
+    """The machine that finished the run, and the one that started it where that differs (a run
+    resumed on another CPU kind is not bit-identical to one run through)."""
+    now = machine()
+    marker = workdir / MARKER
+    start = read_json(marker).get("machine") if marker.exists() else None
+    return {"machine": now} if start in (None, now) else {"machine": now, "machine_at_start": start}
+
+
 def build_result(
     run: Run, config_json: Any, summary: dict[str, Any], workdir: Path, fingerprint: str
 ) -> dict[str, Any]:
@@ -75,6 +84,7 @@ def build_result(
         "fingerprint": fingerprint,
         **git_commit(),
         "versions": versions(),
+        **_machines(workdir),
         "config": config_json,
         "epochs": epochs,
         "final": {"epoch": last["epoch"], **{k: v for k, v in last.items() if "test_" in k}},
