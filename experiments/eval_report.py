@@ -12,7 +12,7 @@ table shows validation figures only, and the test table reports what the runs pr
 Figures per run: k (search epochs), U at rejuvenation, the best validation accuracy and its
 epoch, the final validation accuracy and loss; during the search, the collapse check (the largest
 shortfall of NR's eval-mode validation accuracy below the baseline's at the same epoch; collapse
-when above 5 points) and the eval lag (validation accuracy with recomputed BN statistics minus
+when above 5 points; also with NR's BN statistics recomputed) and the eval lag (validation accuracy with recomputed BN statistics minus
 without, `val_bn_accuracy_sum - val_accuracy_sum`). The test table: per architecture and arm the
 mean ± std over seeds of the test accuracy at the final and at the best-validation epoch, and the
 paired per-seed difference NR − control with its mean and std.
@@ -54,16 +54,20 @@ def search_epochs(result: dict[str, Any]) -> list[dict[str, Any]]:
     return result["epochs"][:k]
 
 
-def collapse(nr: dict[str, Any], baseline: dict[str, Any] | None) -> float | None:
-    """Largest shortfall (points) of NR's validation accuracy below the baseline's at the same
-    epoch during the search; None without a baseline or a search."""
+def collapse(
+    nr: dict[str, Any], baseline: dict[str, Any] | None, metric: str = "val_accuracy_sum"
+) -> float | None:
+    """Largest shortfall (points) of NR's validation accuracy `metric` below the baseline's
+    (eval-mode) at the same epoch during the search; None without a baseline or a search.
+    `metric="val_bn_accuracy_sum"`: NR evaluated with recomputed BN statistics (the eval lag
+    removed)."""
     if baseline is None:
         return None
     base = {e["epoch"]: e.get("val_accuracy_sum") for e in baseline["epochs"]}
     gaps = [
-        100 * (base[e["epoch"]] - e["val_accuracy_sum"])
+        100 * (base[e["epoch"]] - e[metric])
         for e in search_epochs(nr)
-        if base.get(e["epoch"]) is not None and e.get("val_accuracy_sum") is not None
+        if base.get(e["epoch"]) is not None and e.get(metric) is not None
     ]
     return max(gaps) if gaps else None
 
@@ -91,6 +95,9 @@ def run_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str
         "final_val_acc": last.get("val_accuracy_sum"),
         "final_val_loss": last.get("val_loss"),
         "collapse_points": collapse(result, baseline)
+        if result["config"]["nr"]["enabled"]
+        else None,
+        "collapse_bn_points": collapse(result, baseline, "val_bn_accuracy_sum")
         if result["config"]["nr"]["enabled"]
         else None,
         "eval_lag_points": eval_lag(result),
@@ -128,6 +135,7 @@ def sweep_table(results: list[dict[str, Any]]) -> str:
         ("final_val_acc", "final val acc"),
         ("final_val_loss", "final val loss"),
         ("collapse_points", "collapse (pts)"),
+        ("collapse_bn_points", "collapse, BN recomputed (pts)"),
         ("eval_lag_points", "eval lag (pts)"),
         ("epochs_run", "epochs"),
     ]
@@ -261,8 +269,21 @@ def step_series(workdir: Path) -> dict[str, list[float]]:
     return dict(series)
 
 
+def epoch_series(result: dict[str, Any]) -> dict[str, list[float]]:
+    """λ (the epoch's mean) and utilisation at each epoch end from a result file: the coarse
+    trace of a run whose directory is gone."""
+    series = defaultdict(list)
+    for e in result["epochs"]:
+        if "train_lambda" in e and "train_utilization" in e:
+            series["step"].append(e["step"])
+            series["lambda"].append(e["train_lambda"])
+            series["utilization"].append(e.get("epoch_utilization", e["train_utilization"]))
+    return dict(series)
+
+
 def plot_steps(results: list[dict[str, Any]], runs_dir: Path, path: Path) -> Path | None:
-    """λ and utilisation against steps, for the NR runs whose directories are on disk."""
+    """λ and utilisation against steps: every 50 steps for the NR runs whose directories are on
+    disk (`metrics.jsonl`), per epoch (from the result file, marked "per epoch") for the others."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,6 +295,8 @@ def plot_steps(results: list[dict[str, Any]], runs_dir: Path, path: Path) -> Pat
             s = step_series(runs_dir / r["table"] / r["run"])
             if s:
                 series[r["run"]] = s
+            elif s := epoch_series(r):
+                series[f"{r['run']} (per epoch)"] = s
     if not series:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -311,7 +334,8 @@ def write_report(table_dir: Path, runs_dir: Path, kind: str) -> Path:
         "",
         "k: search epochs; collapse: the largest shortfall of the search's eval-mode validation "
         f"accuracy below the baseline's at the same epoch (collapse above {COLLAPSE_POINTS:g}); "
-        "eval lag: validation accuracy with recomputed BN statistics minus without, mean over "
+        "collapse, BN recomputed: the same with NR's BN statistics recomputed before each "
+        "evaluation (`val_bn_accuracy_sum`); eval lag: validation accuracy with recomputed BN statistics minus without, mean over "
         "the search.",
         "",
         f"![validation curves]({curves.name})",

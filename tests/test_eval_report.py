@@ -43,6 +43,8 @@ def result(arch, arm, seed, final, best, nr=True, k=2, width=1.5):
 def test_collapse_eval_lag_and_compute():
     nr, base = result("vgg", "nr", 0, 0.9, 0.9), result("vgg", "b", 0, 0.9, 0.9, nr=False)
     assert abs(eval_report.collapse(nr, base) - 10.0) < 1e-9  # 10 points below at epoch 1
+    bn = eval_report.collapse(nr, base, "val_bn_accuracy_sum")  # recomputed BN statistics
+    assert abs(bn - 8.0) < 1e-9
     assert abs(eval_report.eval_lag(nr) - 2.0) < 1e-9
     assert eval_report.cumulative_macs(nr) == [1000.0, 2000.0, 2600.0, 3200.0, 3800.0]
     assert eval_report.cumulative_macs(base) == [1000.0 * e for e in range(1, 6)]
@@ -76,3 +78,13 @@ def test_the_command_writes_tables_and_plots(tmp_path):
         timeout=120,
     )
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: ")
+
+
+def test_epoch_series_traces_runs_without_a_directory():
+    r = result("vgg", "nr", 0, 0.9, 0.9)
+    for e in r["epochs"]:
+        e.update(train_lambda=1e-3 if e["epoch"] <= 2 else 0.0, train_utilization=1.0)
+    r["epochs"][0]["epoch_utilization"] = 0.7
+    s = eval_report.epoch_series(r)
+    assert s["step"] == [10, 20, 30, 40, 50] and s["lambda"][:3] == [1e-3, 1e-3, 0.0]
+    assert s["utilization"][:2] == [0.7, 1.0]  # the epoch end's U where recorded
