@@ -1,0 +1,42 @@
+"""Host allocation A/B of one rejuvenation: every new host array in a buffer of its own
+(`hostmem.aligned_zeros`) against an `Arena` (a few large buffers), in one process, the two
+alternating; the full benchmark's inputs (ImageNet-size network, random weights, 35% dead).
+`python arena_ab.py densenet121 resnet50` prints the median of 10 per variant and model."""
+import statistics, sys, time
+import jax, numpy as np, optax
+import nr_jax
+from nr_jax import hostmem, surgery
+
+
+class PerLeaf:  # the per-leaf variant, in the arena's interface
+    zeros = staticmethod(hostmem.aligned_zeros)
+
+
+def setup(name):
+    model = nr_jax.models.get(name, num_classes=1000)
+    graph = nr_jax.channel_graph(model, (1, 224, 224, 3))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), graph.variable_shapes)
+    for u in graph.prunable:
+        g = rng.uniform(0.1, 1.0, u.out_channels).astype(np.float32)
+        g[rng.random(u.out_channels) < 0.35] = 0.0
+        g[0] = 1.0
+        variables["params"][u.name]["bn"]["scale"] = g
+    tx = optax.chain(nr_jax.l1_bn_scales(graph, 1e-4), optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+    return model, graph, variables, jax.tree.map(np.asarray, tx.init(variables["params"])), tx
+
+
+for name in sys.argv[1:]:
+    model, graph, variables, opt_state, tx = setup(name)
+    times = {"per_leaf": [], "arena": []}
+    for i in range(24):
+        variant = ("per_leaf", "arena")[i % 2]
+        surgery.Arena = PerLeaf if variant == "per_leaf" else hostmem.Arena
+        t = time.perf_counter()
+        res = nr_jax.rejuvenate(jax.random.key(i), model, variables, opt_state, tx, graph)
+        jax.block_until_ready(res.variables)
+        times[variant].append(time.perf_counter() - t)
+        del res
+    med = {k: statistics.median(v[2:]) for k, v in times.items()}
+    print(f"{name}: per-leaf {med['per_leaf'] * 1e3:.1f} ms, arena {med['arena'] * 1e3:.1f} ms, "
+          f"speed arena/per-leaf {med['per_leaf'] / med['arena']:.3f}")
