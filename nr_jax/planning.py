@@ -16,6 +16,7 @@ zero mask, whatever the rule planned for it: growing it would spend the budget o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -74,11 +75,16 @@ class Plan:
     budget_after: int
     units: tuple[UnitPlan, ...]
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, UnitPlan]:  # not a field: eq, hash and JSON ignore it
+        return {u.name: u for u in self.units}
+
     def __getitem__(self, name: str) -> UnitPlan:
-        for u in self.units:
-            if u.name == name:
-                return u
-        raise KeyError(f"no unit named {name!r} in the plan; units: {[u.name for u in self.units]}")
+        try:
+            return self._by_name[name]
+        except KeyError:
+            names = [u.name for u in self.units]
+            raise KeyError(f"no unit named {name!r} in the plan; units: {names}") from None
 
     @property
     def widths(self) -> dict[str, int]:

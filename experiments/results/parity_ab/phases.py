@@ -25,7 +25,7 @@ for fn in sys.argv[2].split(","):
 try:  # the redesign's planner (absent at 8ceb7e7)
     from nr_jax import planning
     wrap(planning.Plan, "check"); wrap(surgery.planning, "plan")
-except ImportError:
+except (ImportError, AttributeError):
     pass
 tot = []
 for i in range(12):
