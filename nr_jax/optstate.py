@@ -9,7 +9,7 @@ the structure, shapes and dtypes of `tx.init(new_params)` (conventions.md 2).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from nr_jax.hostmem import aligned_zeros
 
-__all__ = ["Axis", "Zeros", "carry", "remap_opt_state"]
+__all__ = ["Axis", "carry", "remap_opt_state"]
 
 
 class Axis(NamedTuple):
@@ -31,30 +31,25 @@ class Axis(NamedTuple):
 
 
 Axes = Sequence[Axis | None]  # one entry per axis of a leaf; None: the axis is unchanged
-Zeros = Callable[[Sequence[int], Any], np.ndarray]  # (shape, dtype) -> a zero host array
 
 
 def new_shape(old_shape: Sequence[int], axes: Axes) -> tuple[int, ...]:
     return tuple(int(n) if a is None else a.size for n, a in zip(old_shape, axes, strict=True))
 
 
-def carry(
-    old: np.ndarray, axes: Axes, fill: float = 0.0, zeros: Zeros = aligned_zeros
-) -> np.ndarray:
+def carry(old: np.ndarray, axes: Axes, fill: float = 0.0) -> np.ndarray:
     """A new array: `old`'s kept entries at the front of every planned axis, `fill` elsewhere.
 
     Args:
       old: the old leaf, shape (..., D_old, ...).
       axes: per axis of `old`, an `Axis` or None (unchanged).
       fill: the value of every new entry.
-      zeros: makes the new array (default: an aligned buffer of its own; `hostmem.Arena.zeros`
-        carves it from a shared one).
 
     Returns:
       A fresh numpy array of shape `new_shape(old.shape, axes)` and `old`'s dtype.
     """
     shape = new_shape(old.shape, axes)
-    out = zeros(shape, old.dtype)
+    out = aligned_zeros(shape, old.dtype)
     if fill != 0:
         out[...] = fill
     block, dst = old, []
@@ -105,7 +100,6 @@ def remap_opt_state(
     old_params: dict,
     new_params: Any,
     axes: Mapping[tuple[str, ...], Axes],
-    zeros: Zeros = aligned_zeros,
 ) -> Any:
     """The optimiser state for `new_params`: survivors' slots carried, new slots zero.
 
@@ -116,7 +110,6 @@ def remap_opt_state(
       new_params: the new parameters (arrays, numpy or jax).
       axes: per parameter path (`flax.traverse_util.flatten_dict` keys) the plan of its axes;
         a parameter without one is unchanged.
-      zeros: makes the new slots (as `carry`'s).
 
     Returns:
       The new state (numpy leaves where slots moved, `tx.init(new_params)`'s value where a slot
@@ -144,7 +137,7 @@ def remap_opt_state(
         elif label.axes is None or old_shape != label.old_shape:
             keep = old_shape == want and label.axes is None  # else factored statistics
         elif new_shape(old_shape, label.axes) == want:
-            out.append(carry(np.asarray(old), label.axes, zeros=zeros))
+            out.append(carry(np.asarray(old), label.axes))
             continue
         else:
             keep = False

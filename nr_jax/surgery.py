@@ -33,10 +33,10 @@ from nr_jax import planning
 from nr_jax.allocation import Allocation
 from nr_jax.derived import derived_graph, derived_widths
 from nr_jax.graph import ChannelGraph, channel_graph
-from nr_jax.hostmem import Arena, gc_paused
+from nr_jax.hostmem import gc_paused
 from nr_jax.layers import MASKS, WidthSpec
 from nr_jax.live import Liveness, count, liveness
-from nr_jax.optstate import Axis, Zeros, carry, remap_opt_state
+from nr_jax.optstate import Axis, carry, remap_opt_state
 from nr_jax.planning import Plan
 from nr_jax.report import Rejuvenation, RejuvenationReport
 
@@ -164,8 +164,7 @@ def _apply(
     check: bool,
 ) -> Rejuvenation:
     """`apply_plan` on host variables and a plan known to fit `graph`."""
-    zeros = Arena().zeros  # every new host array of this rejuvenation, from a few buffers
-    new_vars, axes = _new_variables(host, graph, plan, host_rng(key), new_gamma, zeros)
+    new_vars, axes = _new_variables(host, graph, plan, host_rng(key), new_gamma)
     new_model = model.clone(widths=derived_widths(graph, plan))
     new_graph = derived_graph(graph, plan)
     if check:
@@ -178,7 +177,7 @@ def _apply(
         _check_shapes(new_vars, traced.variable_shapes)
     state = None
     if opt_state is not None:
-        state = remap_opt_state(tx, opt_state, host["params"], new_vars["params"], axes, zeros)
+        state = remap_opt_state(tx, opt_state, host["params"], new_vars["params"], axes)
     report = RejuvenationReport(
         resource=plan.resource,
         utilization=plan.utilization,
@@ -199,12 +198,7 @@ CHANNEL_FILL = {"var": 1.0}
 
 
 def _new_variables(
-    host: dict,
-    graph: ChannelGraph,
-    plan: Plan,
-    rng: np.random.Generator,
-    new_gamma: float,
-    zeros: Zeros,
+    host: dict, graph: ChannelGraph, plan: Plan, rng: np.random.Generator, new_gamma: float
 ) -> tuple[dict, dict]:
     """The new variables (numpy) and the axis plan of every parameter leaf that changes.
 
@@ -231,7 +225,7 @@ def _new_variables(
         path = (*u.path, "kernel")
         if u.kind == "classifier":
             axes[path] = (ax_in, None)
-            new[("params", *path)] = k = carry(flat[("params", *path)], axes[path], zeros=zeros)
+            new[("params", *path)] = k = carry(flat[("params", *path)], axes[path])
             if l_in < p.d_in:
                 values = rng.standard_normal((p.d_in - l_in, k.shape[1]), dtype=np.float32)
                 values *= np.float32(0.01)
@@ -240,7 +234,7 @@ def _new_variables(
         ax_out, l_out = Axis(p.d_out, np.asarray(p.out_src, np.intp)), len(p.out_src)
         old_k = flat[("params", *path)]
         axes[path] = (None,) * (old_k.ndim - 2) + (ax_in, ax_out)
-        new[("params", *path)] = k = carry(old_k, axes[path], zeros=zeros)
+        new[("params", *path)] = k = carry(old_k, axes[path])
         *taps, d_in, d_out = k.shape
         if l_out < d_out:
             first = l_in if l_in < d_in else 0
@@ -250,21 +244,14 @@ def _new_variables(
             k[..., first:, l_out:] = values
         for key in per_unit.get(u.path, ()):
             fill = new_gamma if key[-1] == "scale" else CHANNEL_FILL.get(key[-1], 0.0)
-            new[key] = carry(flat[key], (ax_out,), fill, zeros)
+            new[key] = carry(flat[key], (ax_out,), fill)
             if key[0] == "params":
                 axes[key[1:]] = (ax_out,)
         if MASKS in host:
-            new[(MASKS, *u.path, "mask")] = mask = zeros((p.d_out,), np.float32)
-            mask[:] = 0.0 if p.dead else 1.0
+            new[(MASKS, *u.path, "mask")] = np.full((p.d_out,), 0.0 if p.dead else 1.0, np.float32)
     # leaves taken over unchanged are copied, as the caller may still own them
-    copied = {k: new[k] if k in new else _copy(v, zeros) for k, v in flat.items()}
+    copied = {k: new[k] if k in new else np.array(v) for k, v in flat.items()}
     return traverse_util.unflatten_dict({**copied, **new}), axes
-
-
-def _copy(value: Any, zeros: Zeros) -> np.ndarray:
-    out = zeros(np.shape(value), np.asarray(value).dtype)
-    out[...] = value
-    return out
 
 
 def _check_shapes(new_vars: Any, expected: Any) -> None:

@@ -1,4 +1,4 @@
-"""Host allocation A/B of one rejuvenation: every new host array in a buffer of its own
+"""(Runs at 5524106, the one commit with `hostmem.Arena`.) Host allocation A/B of one rejuvenation: every new host array in a buffer of its own
 (`hostmem.aligned_zeros`) against an `Arena` (a few large buffers), in one process, the two
 alternating; the full benchmark's inputs (ImageNet-size network, random weights, 35% dead).
 `python arena_ab.py densenet121 resnet50` prints the median of 10 per variant and model."""
