@@ -3,27 +3,14 @@
 alternating; the full benchmark's inputs (ImageNet-size network, random weights, 35% dead).
 `python arena_ab.py densenet121 resnet50` prints the median of 10 per variant and model."""
 import statistics, sys, time
-import jax, numpy as np, optax
+import jax
 import nr_jax
 from nr_jax import hostmem, surgery
+from gc_ab import setup  # the benchmark's inputs (this directory)
 
 
 class PerLeaf:  # the per-leaf variant, in the arena's interface
     zeros = staticmethod(hostmem.aligned_zeros)
-
-
-def setup(name):
-    model = nr_jax.models.get(name, num_classes=1000)
-    graph = nr_jax.channel_graph(model, (1, 224, 224, 3))
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), graph.variable_shapes)
-    for u in graph.prunable:
-        g = rng.uniform(0.1, 1.0, u.out_channels).astype(np.float32)
-        g[rng.random(u.out_channels) < 0.35] = 0.0
-        g[0] = 1.0
-        variables["params"][u.name]["bn"]["scale"] = g
-    tx = optax.chain(nr_jax.l1_bn_scales(graph, 1e-4), optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
-    return model, graph, variables, jax.tree.map(np.asarray, tx.init(variables["params"])), tx
 
 
 for name in sys.argv[1:]:

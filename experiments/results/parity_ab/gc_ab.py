@@ -22,17 +22,18 @@ def setup(name):
     return model, graph, variables, jax.tree.map(np.asarray, tx.init(variables["params"])), tx
 
 
-for name in ["densenet121", "resnet50"]:
-    model, graph, variables, opt_state, tx = setup(name)
-    t = {"gc": [], "nogc": []}
-    for i in range(24):
-        v = ("gc", "nogc")[i % 2]
-        if v == "nogc":
-            gc.disable()
-        s = time.perf_counter()
-        res = nr_jax.rejuvenate(jax.random.key(i), model, variables, opt_state, tx, graph)
-        jax.block_until_ready(res.variables)
-        t[v].append(time.perf_counter() - s)
-        gc.enable()
-        del res
-    print(name, {k: round(statistics.median(x[2:]) * 1e3, 1) for k, x in t.items()}, "ms")
+if __name__ == "__main__":
+    for name in ["densenet121", "resnet50"]:
+        model, graph, variables, opt_state, tx = setup(name)
+        t = {"gc": [], "nogc": []}
+        for i in range(24):
+            v = ("gc", "nogc")[i % 2]
+            if v == "nogc":
+                gc.disable()
+            s = time.perf_counter()
+            res = nr_jax.rejuvenate(jax.random.key(i), model, variables, opt_state, tx, graph)
+            jax.block_until_ready(res.variables)
+            t[v].append(time.perf_counter() - s)
+            gc.enable()
+            del res
+        print(name, {k: round(statistics.median(x[2:]) * 1e3, 1) for k, x in t.items()}, "ms")
