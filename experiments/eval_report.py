@@ -12,10 +12,11 @@ table shows validation figures only, and the test table reports what the runs pr
 Figures per run: k (search epochs), U at rejuvenation, the best validation accuracy and its
 epoch, the final validation accuracy and loss; during the search, the collapse check (the largest
 shortfall of NR's eval-mode validation accuracy below the baseline's at the same epoch; collapse
-when above 5 points; also with NR's BN statistics recomputed) and the eval lag (validation accuracy with recomputed BN statistics minus
-without, `val_bn_accuracy_sum - val_accuracy_sum`). The test table: per architecture and arm the
-mean ± std over seeds of the test accuracy at the final and at the best-validation epoch, and the
-paired per-seed difference NR − control with its mean and std.
+when above 5 points; also with NR's BN statistics recomputed) and the eval lag (validation
+accuracy with recomputed BN statistics minus without, `val_bn_accuracy_sum - val_accuracy_sum`).
+The test table: per architecture and arm the mean ± std over seeds of the test accuracy at the
+final and at the best-validation epoch, and the paired per-seed difference NR − control with its
+mean and std.
 """
 
 from __future__ import annotations
@@ -335,8 +336,8 @@ def write_report(table_dir: Path, runs_dir: Path, kind: str) -> Path:
         "k: search epochs; collapse: the largest shortfall of the search's eval-mode validation "
         f"accuracy below the baseline's at the same epoch (collapse above {COLLAPSE_POINTS:g}); "
         "collapse, BN recomputed: the same with NR's BN statistics recomputed before each "
-        "evaluation (`val_bn_accuracy_sum`); eval lag: validation accuracy with recomputed BN statistics minus without, mean over "
-        "the search.",
+        "evaluation (`val_bn_accuracy_sum`); eval lag: validation accuracy with recomputed BN "
+        "statistics minus without, mean over the search.",
         "",
         f"![validation curves]({curves.name})",
     ]

@@ -1,12 +1,18 @@
-"""(Runs at 5524106, the one commit with `hostmem.Arena`.) Host allocation A/B of one rejuvenation: every new host array in a buffer of its own
-(`hostmem.aligned_zeros`) against an `Arena` (a few large buffers), in one process, the two
-alternating; the full benchmark's inputs (ImageNet-size network, random weights, 35% dead).
+"""Host allocation A/B of one rejuvenation (runs at 5524106, the one commit with `hostmem.Arena`):
+every new host array in a buffer of its own (`hostmem.aligned_zeros`) against an `Arena` (a few
+large buffers), in one process, the two alternating; the full benchmark's inputs (ImageNet-size
+network, random weights, 35% dead).
 `python arena_ab.py densenet121 resnet50` prints the median of 10 per variant and model."""
-import statistics, sys, time
+
+import statistics
+import sys
+import time
+
 import jax
+from gc_ab import setup  # the benchmark's inputs (this directory)
+
 import nr_jax
 from nr_jax import hostmem, surgery
-from gc_ab import setup  # the benchmark's inputs (this directory)
 
 
 class PerLeaf:  # the per-leaf variant, in the arena's interface
@@ -25,5 +31,7 @@ for name in sys.argv[1:]:
         times[variant].append(time.perf_counter() - t)
         del res
     med = {k: statistics.median(v[2:]) for k, v in times.items()}
-    print(f"{name}: per-leaf {med['per_leaf'] * 1e3:.1f} ms, arena {med['arena'] * 1e3:.1f} ms, "
-          f"speed arena/per-leaf {med['per_leaf'] / med['arena']:.3f}")
+    print(
+        f"{name}: per-leaf {med['per_leaf'] * 1e3:.1f} ms, arena {med['arena'] * 1e3:.1f} ms, "
+        f"speed arena/per-leaf {med['per_leaf'] / med['arena']:.3f}"
+    )

@@ -3,8 +3,15 @@ enabled against disabled around `nr_jax.rejuvenate`. From 5524106 on `rejuvenate
 collector itself, so run this at an earlier commit (the README's figures: the working tree just
 before 5524106, the arena in place, no pause). The full benchmark's inputs.
 `python gc_ab.py` prints the median of 10 after 2 per variant and model."""
-import gc, statistics, time
-import jax, numpy as np, optax
+
+import gc
+import statistics
+import time
+
+import jax
+import numpy as np
+import optax
+
 import nr_jax
 
 
@@ -12,13 +19,19 @@ def setup(name):
     model = nr_jax.models.get(name, num_classes=1000)
     graph = nr_jax.channel_graph(model, (1, 224, 224, 3))
     rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), graph.variable_shapes)
+    variables = jax.tree.map(
+        lambda s: rng.standard_normal(s.shape).astype(np.float32), graph.variable_shapes
+    )
     for u in graph.prunable:
         g = rng.uniform(0.1, 1.0, u.out_channels).astype(np.float32)
         g[rng.random(u.out_channels) < 0.35] = 0.0
         g[0] = 1.0
         variables["params"][u.name]["bn"]["scale"] = g
-    tx = optax.chain(nr_jax.l1_bn_scales(graph, 1e-4), optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+    tx = optax.chain(
+        nr_jax.l1_bn_scales(graph, 1e-4),
+        optax.add_decayed_weights(1e-4),
+        optax.sgd(0.1, momentum=0.9),
+    )
     return model, graph, variables, jax.tree.map(np.asarray, tx.init(variables["params"])), tx
 
 
