@@ -81,12 +81,14 @@ def versions() -> dict[str, str]:
     return out
 
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # those that change XLA's CPU kernels
+# vector extensions by which the CPU kernels are chosen (oneDNN's, measured: experiments/README.md,
+# "The default run"), so results differ between machines that differ in them
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
 
 
 def machine() -> dict[str, Any]:
-    """What computed the results: the CPU (model, logical CPUs, the vector extensions XLA's CPU
-    code generation depends on) and the JAX backend. Runs of one config on the same code and
+    """What computed the results: the CPU (model, logical CPUs, the vector extensions the CPU
+    kernels are chosen by) and the JAX backend. Runs of one config on the same code and
     versions are bit-identical on one machine kind, not across CPU kinds (rounding differs)."""
     import jax
 
