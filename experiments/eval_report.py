@@ -116,13 +116,17 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def sweep_baseline(results: list[dict[str, Any]], result: dict[str, Any]) -> dict | None:
-    """The sweep baseline of the same width as `result` (None if not run yet)."""
+    """The baseline run of the same width as `result` (None if not run yet): of the same arch
+    and seed where the table has one (the table), else any (the sweep's one seed)."""
     width = result["config"]["model_kwargs"].get("width_multiplier")
-    for r in results:
-        same_width = r["config"]["model_kwargs"].get("width_multiplier") == width
-        if not r["config"]["nr"]["enabled"] and same_width:
-            return r
-    return None
+    candidates = [
+        r
+        for r in results
+        if not r["config"]["nr"]["enabled"]
+        and r["config"]["model_kwargs"].get("width_multiplier") == width
+    ]
+    same = [r for r in candidates if (r["arch"], r["seed"]) == (result["arch"], result["seed"])]
+    return (same or candidates or [None])[0]
 
 
 def sweep_table(results: list[dict[str, Any]]) -> str:

@@ -88,3 +88,11 @@ def test_epoch_series_traces_runs_without_a_directory():
     s = eval_report.epoch_series(r)
     assert s["step"] == [10, 20, 30, 40, 50] and s["lambda"][:3] == [1e-3, 1e-3, 0.0]
     assert s["utilization"][:2] == [0.7, 1.0]  # the epoch end's U where recorded
+
+
+def test_the_collapse_reference_is_the_same_seeds_baseline():
+    bases = [result("vgg", "baseline_Ek", s, 0.9, 0.9, nr=False) for s in (0, 1)]
+    nr1 = result("vgg", "nr", 1, 0.9, 0.9)
+    assert eval_report.sweep_baseline([*bases, nr1], nr1)["seed"] == 1
+    sweep_nr = result("vgg", "sweep:lam", 2, 0.9, 0.9)  # no baseline of its seed: any one
+    assert eval_report.sweep_baseline([bases[0], sweep_nr], sweep_nr)["seed"] == 0
