@@ -5,34 +5,24 @@ before 5524106, the arena in place, no pause). The full benchmark's inputs.
 `python gc_ab.py` prints the median of 10 after 2 per variant and model."""
 
 import gc
+import importlib.util
 import statistics
 import time
+from pathlib import Path
 
 import jax
-import numpy as np
-import optax
 
 import nr_jax
 
 
 def setup(name):
-    model = nr_jax.models.get(name, num_classes=1000)
-    graph = nr_jax.channel_graph(model, (1, 224, 224, 3))
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(
-        lambda s: rng.standard_normal(s.shape).astype(np.float32), graph.variable_shapes
-    )
-    for u in graph.prunable:
-        g = rng.uniform(0.1, 1.0, u.out_channels).astype(np.float32)
-        g[rng.random(u.out_channels) < 0.35] = 0.0
-        g[0] = 1.0
-        variables["params"][u.name]["bn"]["scale"] = g
-    tx = optax.chain(
-        nr_jax.l1_bn_scales(graph, 1e-4),
-        optax.add_decayed_weights(1e-4),
-        optax.sgd(0.1, momentum=0.9),
-    )
-    return model, graph, variables, jax.tree.map(np.asarray, tx.init(variables["params"])), tx
+    """The benchmark's latency inputs (`experiments.benchmark.latency.latency_inputs`), loaded
+    from this checkout's file, so the script also runs against an older `nr_jax` on PYTHONPATH."""
+    path = Path(__file__).resolve().parents[2] / "benchmark" / "latency.py"
+    spec = importlib.util.spec_from_file_location("latency_inputs_of_this_checkout", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.latency_inputs(name)
 
 
 if __name__ == "__main__":

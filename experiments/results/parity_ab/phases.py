@@ -7,28 +7,13 @@ import sys
 import time
 
 import jax
-import numpy as np
-import optax
+from gc_ab import setup  # the benchmark's inputs (this directory)
 
 import nr_jax
 from nr_jax import surgery
 
 name = sys.argv[1]
-model = nr_jax.models.get(name, num_classes=1000)
-graph = nr_jax.channel_graph(model, (1, 224, 224, 3))
-rng = np.random.default_rng(0)
-variables = jax.tree.map(
-    lambda s: rng.standard_normal(s.shape).astype(np.float32), graph.variable_shapes
-)
-for u in graph.prunable:
-    g = rng.uniform(0.1, 1.0, u.out_channels).astype(np.float32)
-    g[rng.random(u.out_channels) < 0.35] = 0.0
-    g[0] = 1.0
-    variables["params"][u.name]["bn"]["scale"] = g
-tx = optax.chain(
-    nr_jax.l1_bn_scales(graph, 1e-4), optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9)
-)
-opt_state = jax.tree.map(np.asarray, tx.init(variables["params"]))
+model, graph, variables, opt_state, tx = setup(name)
 acc = {}
 
 
