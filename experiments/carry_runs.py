@@ -21,6 +21,8 @@ import argparse
 import tarfile
 from pathlib import Path
 
+from experiments.evaluation.runs import Run
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,12 +32,13 @@ def _carry_dir(results_dir: Path, table: str) -> Path:
 
 def needed(run: str, results_dir: Path, table: str) -> bool:
     """Whether a later driver needs the run directory `run` (see the module docstring)."""
-    done = (results_dir / table / f"{run}.json").exists()
-    if not done:
+    if not (results_dir / table / f"{run}.json").exists():
         return True
-    arch, sep, seed = run.partition("_nr_s")  # runs are named <arch>_<arm>_s<seed>
-    slimming = results_dir / table / f"{arch}_slimming_s{seed}.json"
-    return bool(sep) and seed.isdigit() and not slimming.exists()
+    arch, sep, seed = run.partition("_nr_s")  # `Run.name` of an NR run: <arch>_nr_s<seed>
+    if not (sep and seed.isdigit()):
+        return False
+    slimming = Run(table, arch, "slimming", int(seed)).result_path(results_dir)
+    return not slimming.exists()
 
 
 def _drop_unneeded(results_dir: Path, table: str) -> None:

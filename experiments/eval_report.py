@@ -87,6 +87,7 @@ def run_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str
     """One run's figures (validation only)."""
     best = result.get("best_validation") or {}
     last = result["epochs"][-1]
+    nr_baseline = baseline if result["config"]["nr"]["enabled"] else None  # collapse: NR only
     return {
         "run": result["run"],
         "k": result.get("search_epochs"),
@@ -95,12 +96,8 @@ def run_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str
         "best_epoch": best.get("epoch"),
         "final_val_acc": last.get("val_accuracy_sum"),
         "final_val_loss": last.get("val_loss"),
-        "collapse_points": collapse(result, baseline)
-        if result["config"]["nr"]["enabled"]
-        else None,
-        "collapse_bn_points": collapse(result, baseline, "val_bn_accuracy_sum")
-        if result["config"]["nr"]["enabled"]
-        else None,
+        "collapse_points": collapse(result, nr_baseline),
+        "collapse_bn_points": collapse(result, nr_baseline, "val_bn_accuracy_sum"),
         "eval_lag_points": eval_lag(result),
         "epochs_run": result.get("epochs_run"),
         "train_macs": result["cost"]["train_macs"],
