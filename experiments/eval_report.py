@@ -101,7 +101,21 @@ def run_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str
         "eval_lag_points": eval_lag(result),
         "epochs_run": result.get("epochs_run"),
         "train_macs": result["cost"]["train_macs"],
+        "cpu": cpu_label(result),
     }
+
+
+def _cpu_name(machine: dict[str, Any] | None) -> str:
+    name = (machine or {}).get("cpu") or "?"
+    return " ".join(w for w in name.replace("(R)", "").split() if w != "Processor")
+
+
+def cpu_label(result: dict[str, Any]) -> str:
+    """The CPU that ran the run, `start → end` for a run resumed on another kind (results are
+    bit-identical per CPU kind only)."""
+    end = _cpu_name(result.get("machine"))
+    start = result.get("machine_at_start")
+    return f"{_cpu_name(start)} → {end}" if start and _cpu_name(start) != end else end
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -140,6 +154,7 @@ def sweep_table(results: list[dict[str, Any]]) -> str:
         ("collapse_bn_points", "collapse, BN recomputed (pts)"),
         ("eval_lag_points", "eval lag (pts)"),
         ("epochs_run", "epochs"),
+        ("cpu", "CPU"),
     ]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
@@ -205,6 +220,69 @@ def test_table(results: list[dict[str, Any]]) -> str:
         spread = f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else ""
         lines.append(f"| {arch} | {arm} | {per_seed} | {statistics.fmean(d):+.2f}{spread} |")
     return "\n".join(lines)
+
+
+def search_divergence(results: list[dict[str, Any]]) -> list[str]:
+    """Slimming runs whose search ended unlike their NR run's (k or U at rejuvenation).
+
+    The slimming control branches from the NR run's last checkpoint of the search (a mid-epoch
+    one) and recomputes the steps after it; on another CPU kind than the NR run's they round
+    differently, and the search may end elsewhere. Such a pair shares the setting and the
+    seed, not the exact search."""
+    nr = {(r["arch"], r["seed"]): r for r in results if r["arm"] == "nr"}
+    notes = []
+    for r in results:
+        ref = nr.get((r["arch"], r["seed"]))
+        if r["arm"] != "slimming" or ref is None:
+            continue
+        k, u = r.get("search_epochs"), r.get("utilization_at_rejuvenation")
+        ref_k, ref_u = ref.get("search_epochs"), ref.get("utilization_at_rejuvenation")
+        if (k, u) != (ref_k, ref_u):
+            notes.append(
+                f"{r['run']} (CPU {cpu_label(r)}): search k = {k}, U {_fmt(u)}, against "
+                f"{ref['run']}'s k = {ref_k}, U {_fmt(ref_u)} (CPU {cpu_label(ref)})"
+            )
+    return notes
+
+
+GOAL_SEEDS = 3  # issue 14: three seeds of NR, the epoch-matched baseline and slimming per arch
+
+
+def paired(results: list[dict[str, Any]], arch: str, control: str) -> list[float]:
+    """Per seed, NR's final test accuracy minus the control's, in points (seeds with both)."""
+    by = {(r["arm"], r["seed"]): r for r in results if r["arch"] == arch}
+    return [
+        100 * (test_accuracies(nr)[0] - test_accuracies(by[(control, seed)])[0])
+        for (arm, seed), nr in sorted(by.items())
+        if arm == "nr"
+        and (control, seed) in by
+        and test_accuracies(nr)[0] is not None
+        and test_accuracies(by[(control, seed)])[0] is not None
+    ]
+
+
+def verdict(results: list[dict[str, Any]], archs: tuple[str, ...] = ("vgg", "resnet")) -> str:
+    """The issue's goal checked on the result files: per architecture, NR's paired gain over the
+    epoch-matched baseline positive and larger than its std, and NR ahead of the slimming
+    control (mean paired difference > 0), each over at least `GOAL_SEEDS` seeds."""
+    lines, met = [], []
+    for arch in archs:
+        ek, slim = paired(results, arch, "baseline_Ek"), paired(results, arch, "slimming")
+        if min(len(ek), len(slim)) < GOAL_SEEDS:
+            lines.append(f"- {arch}: pending ({len(ek)} / {len(slim)} of {GOAL_SEEDS} pairs)")
+            met.append(None)
+            continue
+        gain, std, ahead = statistics.fmean(ek), statistics.stdev(ek), statistics.fmean(slim)
+        ok = gain > 0 and gain > std and ahead > 0
+        met.append(ok)
+        lines.append(
+            f"- {arch}: NR − epoch-matched {gain:+.2f} ± {std:.2f} points "
+            f"({'gain > std' if gain > std else f'gain below its std by {std - gain:.2f}'}), "
+            f"NR − slimming {ahead:+.2f} ({'ahead' if ahead > 0 else 'behind'}): "
+            f"{'met' if ok else 'missed'}"
+        )
+    overall = "pending" if None in met else ("met" if all(met) else "missed")
+    return f"Goal (issue 14) on the test set's final epoch: **{overall}**\n\n" + "\n".join(lines)
 
 
 def cumulative_macs(result: dict[str, Any]) -> list[float]:
@@ -346,6 +424,18 @@ def write_report(table_dir: Path, runs_dir: Path, kind: str) -> Path:
         parts += ["", f"![λ and utilisation]({steps.name})"]
     if kind != "sweep":
         parts += ["", "## Test set (final and best-validation epochs)", "", test_table(results)]
+        parts += ["", verdict(results)]
+        notes = search_divergence(results)
+        if notes:
+            parts += [
+                "",
+                "Slimming controls whose search ended unlike their NR run's (each branches from "
+                "the NR run's last mid-epoch checkpoint of the search and recomputes the steps "
+                "after it; on a CPU kind other than the NR search's they round differently): "
+                "such a pair shares the setting and the seed, not the exact search.",
+                "",
+                *[f"- {n}" for n in notes],
+            ]
     path = table_dir / "README.md"
     path.write_text("\n".join(parts) + "\n")
     return path

@@ -96,3 +96,20 @@ def test_the_collapse_reference_is_the_same_seeds_baseline():
     assert eval_report.sweep_baseline([*bases, nr1], nr1)["seed"] == 1
     sweep_nr = result("vgg", "sweep:lam", 2, 0.9, 0.9)  # no baseline of its seed: any one
     assert eval_report.sweep_baseline([bases[0], sweep_nr], sweep_nr)["seed"] == 0
+
+
+def test_the_verdict_and_the_search_divergence_note():
+    results = [result("vgg", "nr", s, 0.90 + s / 1000, 0.9) for s in range(3)]
+    results += [result("vgg", "baseline_Ek", s, 0.899, 0.9, nr=False) for s in range(3)]
+    results += [result("vgg", "slimming", s, 0.89, 0.9) for s in range(3)]
+    vgg_only = eval_report.verdict(results, archs=("vgg",))
+    assert "**met**" in vgg_only and "+0.20 ± 0.10 points (gain > std)" in vgg_only
+    assert "**pending**" in eval_report.verdict(results)  # no ResNet pairs yet
+    results[3]["final"]["test_accuracy_sum"] = 0.9015  # s0's gain falls below the spread
+    assert "**missed**" in eval_report.verdict(results, archs=("vgg",))
+    assert eval_report.search_divergence(results) == []  # slimming shares the NR search
+    results[6]["search_epochs"] = 3
+    results[6]["machine"] = {"cpu": "Intel(R) Xeon(R) Processor"}
+    results[6]["machine_at_start"] = {"cpu": "AMD EPYC"}
+    (note,) = eval_report.search_divergence(results)
+    assert note.startswith("vgg_slimming_s0 (CPU AMD EPYC → Intel Xeon): search k = 3")
