@@ -202,17 +202,8 @@ def test_table(results: list[dict[str, Any]]) -> str:
         "| arch | control | per seed | mean ± std |",
         "|---|---|---|---|",
     ]
-    for (arch, arm), seeds in sorted(by.items()):
-        nr = by.get((arch, "nr"), {})
-        if arm == "nr" or not nr:
-            continue
-        diffs = {
-            s: 100 * (test_accuracies(nr[s])[0] - test_accuracies(r)[0])
-            for s, r in sorted(seeds.items())
-            if s in nr
-            and test_accuracies(nr[s])[0] is not None
-            and test_accuracies(r)[0] is not None
-        }
+    for arch, arm in sorted(by):
+        diffs = paired(results, arch, arm) if arm != "nr" else {}
         if not diffs:
             continue
         per_seed = ", ".join(f"s{s}: {d:+.2f}" for s, d in diffs.items())
@@ -248,17 +239,14 @@ def search_divergence(results: list[dict[str, Any]]) -> list[str]:
 GOAL_SEEDS = 3  # issue 14: three seeds of NR, the epoch-matched baseline and slimming per arch
 
 
-def paired(results: list[dict[str, Any]], arch: str, control: str) -> list[float]:
+def paired(results: list[dict[str, Any]], arch: str, control: str) -> dict[int, float]:
     """Per seed, NR's final test accuracy minus the control's, in points (seeds with both)."""
-    by = {(r["arm"], r["seed"]): r for r in results if r["arch"] == arch}
-    return [
-        100 * (test_accuracies(nr)[0] - test_accuracies(by[(control, seed)])[0])
-        for (arm, seed), nr in sorted(by.items())
-        if arm == "nr"
-        and (control, seed) in by
-        and test_accuracies(nr)[0] is not None
-        and test_accuracies(by[(control, seed)])[0] is not None
-    ]
+    by = {(r["arm"], r["seed"]): test_accuracies(r)[0] for r in results if r["arch"] == arch}
+    return {
+        seed: 100 * (acc - by[(control, seed)])
+        for (arm, seed), acc in sorted(by.items())
+        if arm == "nr" and acc is not None and by.get((control, seed)) is not None
+    }
 
 
 def verdict(results: list[dict[str, Any]], archs: tuple[str, ...] = ("vgg", "resnet")) -> str:
@@ -267,7 +255,8 @@ def verdict(results: list[dict[str, Any]], archs: tuple[str, ...] = ("vgg", "res
     control (mean paired difference > 0), each over at least `GOAL_SEEDS` seeds."""
     lines, met = [], []
     for arch in archs:
-        ek, slim = paired(results, arch, "baseline_Ek"), paired(results, arch, "slimming")
+        ek = list(paired(results, arch, "baseline_Ek").values())
+        slim = list(paired(results, arch, "slimming").values())
         if min(len(ek), len(slim)) < GOAL_SEEDS:
             lines.append(f"- {arch}: pending ({len(ek)} / {len(slim)} of {GOAL_SEEDS} pairs)")
             met.append(None)
