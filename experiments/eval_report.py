@@ -5,7 +5,8 @@
 
 Reads `experiments/results/<table>/*.json` (written by `experiments.evaluate`) and writes beside
 them `README.md` (the tables) and PNG plots: validation error against epochs and against training
-compute (conv MACs, forward + backward) for every run, and, where the run directories are still
+compute (conv MACs, forward + backward), a row per architecture, a line per arm (the mean over its
+seeds, a band from the lowest to the highest), and, where the run directories are still
 on disk (`--runs_dir`), λ and the utilisation against steps. Nothing is chosen here: the sweep
 table shows validation figures only, and the test table reports what the runs produced.
 
@@ -105,17 +106,18 @@ def run_row(result: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str
     }
 
 
-def _cpu_name(machine: dict[str, Any] | None) -> str:
-    name = (machine or {}).get("cpu") or "?"
-    return " ".join(w for w in name.replace("(R)", "").split() if w != "Processor")
+def _cpu_name(machine: dict[str, Any] | None) -> str | None:
+    name = (machine or {}).get("cpu")
+    return (
+        " ".join(w for w in name.replace("(R)", "").split() if w != "Processor") if name else None
+    )
 
 
-def cpu_label(result: dict[str, Any]) -> str:
+def cpu_label(result: dict[str, Any]) -> str | None:
     """The CPU that ran the run, `start → end` for a run resumed on another kind (results are
-    bit-identical per CPU kind only)."""
-    end = _cpu_name(result.get("machine"))
-    start = result.get("machine_at_start")
-    return f"{_cpu_name(start)} → {end}" if start and _cpu_name(start) != end else end
+    bit-identical per CPU kind only); None where the result file does not record it."""
+    end, start = _cpu_name(result.get("machine")), _cpu_name(result.get("machine_at_start"))
+    return f"{start} → {end}" if start and start != end else end
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -286,37 +288,64 @@ def cumulative_macs(result: dict[str, Any]) -> list[float]:
     return out
 
 
+def arm_curves(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per epoch, over the seeds that ran it: the mean, min and max validation error (%) and the
+    mean training compute (MACs), for one architecture's arm."""
+    per_epoch = defaultdict(list)  # epoch -> [(error, cumulative MACs)]
+    for r in runs:
+        for macs, e in zip(cumulative_macs(r), r["epochs"], strict=True):
+            if "val_accuracy_sum" in e:
+                per_epoch[e["epoch"]].append((100 * (1 - e["val_accuracy_sum"]), macs))
+    out = defaultdict(list)
+    for epoch, pairs in sorted(per_epoch.items()):
+        errors = [err for err, _ in pairs]
+        out["epoch"].append(epoch)
+        out["mean"].append(statistics.fmean(errors))
+        out["min"].append(min(errors))
+        out["max"].append(max(errors))
+        out["macs"].append(statistics.fmean(m for _, m in pairs))
+    return dict(out)
+
+
+CLIP_POINTS = 12.0  # the error axis shows the best error + this much (the end of training)
+
+
 def plot_curves(results: list[dict[str, Any]], path: Path) -> Path:
-    """Validation error against epochs and against training compute, one line per run."""
+    """Validation error against epochs and against training compute: a row per architecture, a
+    line per arm (the mean over its seeds, the band from the lowest to the highest seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    groups = defaultdict(list)  # arch -> arm -> runs
     for r in results:
-        epochs = [e["epoch"] for e in r["epochs"] if "val_accuracy_sum" in e]
-        err = [100 * (1 - e["val_accuracy_sum"]) for e in r["epochs"] if "val_accuracy_sum" in e]
-        macs = [
-            m
-            for m, e in zip(cumulative_macs(r), r["epochs"], strict=True)
-            if "val_accuracy_sum" in e
-        ]
-        style = "--" if not r["config"]["nr"]["enabled"] else "-"
-        a.plot(epochs, err, style, label=r["run"], lw=1.2)
-        b.plot([m / 1e15 for m in macs], err, style, label=r["run"], lw=1.2)
-    a.set(xlabel="epoch", ylabel="validation error (%)", title="validation error by epoch")
-    b.set(xlabel="training conv MACs (1e15, fwd + bwd)", title="by training compute")
-    errors = [
-        100 * (1 - e["val_accuracy_sum"])
-        for r in results
-        for e in r["epochs"]
-        if "val_accuracy_sum" in e
-    ]
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.set_ylim(max(0.0, min(errors) - 1), min(100.0, max(errors) + 1))
-    a.legend(fontsize=7, ncol=2)
+        groups[r["arch"]].append(r)
+    fig, axes = plt.subplots(
+        len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False, sharey="row"
+    )
+    for (arch, runs), (a, b) in zip(sorted(groups.items()), axes, strict=True):
+        arms = defaultdict(list)
+        for r in runs:
+            arms[r["arm"]].append(r)
+        lowest, highest = 100.0, 0.0
+        for arm, arm_runs in sorted(arms.items()):
+            c = arm_curves(arm_runs)
+            style = "-" if arm_runs[0]["config"]["nr"]["enabled"] else "--"
+            label = f"{arm} ({len(arm_runs)} seed{'s' if len(arm_runs) > 1 else ''})"
+            for ax, x in ((a, c["epoch"]), (b, [m / 1e15 for m in c["macs"]])):
+                (line,) = ax.plot(x, c["mean"], style, label=label, lw=1.4)
+                if len(arm_runs) > 1:
+                    ax.fill_between(x, c["min"], c["max"], color=line.get_color(), alpha=0.15)
+            lowest, highest = min(lowest, *c["min"]), max(highest, *c["max"])
+        top = min(highest + 1, lowest + CLIP_POINTS)
+        clipped = " (axis clipped)" if top < highest else ""
+        a.set(xlabel="epoch", ylabel="validation error (%)", title=f"{arch}: by epoch{clipped}")
+        b.set(xlabel="training conv MACs (1e15, fwd + bwd)", title=f"{arch}: by training compute")
+        for ax in (a, b):
+            ax.grid(alpha=0.3)
+            ax.set_ylim(max(0.0, lowest - 0.5), top)
+        a.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -113,3 +113,13 @@ def test_the_verdict_and_the_search_divergence_note():
     results[6]["machine_at_start"] = {"cpu": "AMD EPYC"}
     (note,) = eval_report.search_divergence(results)
     assert note.startswith("vgg_slimming_s0 (CPU AMD EPYC → Intel Xeon): search k = 3")
+
+
+def test_arm_curves_average_the_seeds_that_ran_each_epoch():
+    a, b = result("vgg", "nr", 0, 0.9, 0.9), result("vgg", "nr", 1, 0.9, 0.9)
+    b["epochs"][0]["val_accuracy_sum"] = 0.50  # seed 1's first epoch: 50% error
+    del b["epochs"][-1]  # seed 1 ran one epoch fewer
+    c = eval_report.arm_curves([a, b])
+    assert c["epoch"] == [1, 2, 3, 4, 5]
+    assert abs(c["max"][0] - 50.0) < 1e-9 and abs(c["min"][0] - 100 * (1 - 0.71)) < 1e-9
+    assert abs(c["mean"][-1] - 100 * (1 - 0.85)) < 1e-9  # epoch 5: seed 0 alone
