@@ -31,6 +31,7 @@ from typing import Any
 from absl import app, flags
 
 from experiments import cli, evaluate
+from experiments.configs import eval_table
 
 COLLAPSE_POINTS = 5.0  # issue 14: eval-mode validation accuracy > 5 points below the baseline's
 
@@ -251,7 +252,7 @@ def paired(results: list[dict[str, Any]], arch: str, control: str) -> dict[int, 
     }
 
 
-def verdict(results: list[dict[str, Any]], archs: tuple[str, ...] = ("vgg", "resnet")) -> str:
+def verdict(results: list[dict[str, Any]], archs: tuple[str, ...] = tuple(eval_table.ARCHS)) -> str:
     """The issue's goal checked on the result files: per architecture, NR's paired gain over the
     epoch-matched baseline positive and larger than its std, and NR ahead of the slimming
     control (mean paired difference > 0), each over at least `GOAL_SEEDS` seeds."""
@@ -318,7 +319,7 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = defaultdict(list)  # arch -> arm -> runs
+    groups = defaultdict(list)  # arch -> runs
     for r in results:
         groups[r["arch"]].append(r)
     fig, axes = plt.subplots(
