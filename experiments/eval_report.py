@@ -277,6 +277,35 @@ def verdict(results: list[dict[str, Any]], archs: tuple[str, ...] = tuple(eval_t
     return f"Goal (issue 14) on the test set's final epoch: **{overall}**\n\n" + "\n".join(lines)
 
 
+def decomposition(results: list[dict[str, Any]]) -> str:
+    """NR's paired gain over the epoch-matched baseline split into its two parts, per seed that
+    ran all three arms: NR − slimming (what the new channels and their training add to the
+    pruned network) plus slimming − E+k (what the search and the pruning cost or gain against
+    plain training for the same epochs). The table's ablation of the method's components."""
+    lines = [
+        "| arch | seeds | NR − E+k | = NR − slimming (new channels) | + slimming − E+k "
+        "(search, pruning) |",
+        "|---|---|---|---|---|",
+    ]
+    for arch in sorted({r["arch"] for r in results}):
+        ek, slim = paired(results, arch, "baseline_Ek"), paired(results, arch, "slimming")
+        seeds = sorted(set(ek) & set(slim))
+        if not seeds:
+            continue
+        parts = [
+            [ek[s] for s in seeds],
+            [slim[s] for s in seeds],
+            [ek[s] - slim[s] for s in seeds],
+        ]
+        cells = [
+            f"{statistics.fmean(p):+.2f}" + (f" ± {statistics.stdev(p):.2f}" if len(p) > 1 else "")
+            for p in parts
+        ]
+        names = ", ".join(f"s{s}" for s in seeds)
+        lines.append(f"| {arch} | {names} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def cumulative_macs(result: dict[str, Any]) -> list[float]:
     """Training conv MACs (forward + backward) summed up to the end of each epoch."""
     cost, spe, k = result["cost"], result["steps_per_epoch"], result.get("search_epochs") or 0
@@ -388,25 +417,26 @@ def plot_steps(results: list[dict[str, Any]], runs_dir: Path, path: Path) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {}
+    series = defaultdict(dict)  # arch -> name -> series
     for r in results:
         if r["config"]["nr"]["enabled"]:
             s = step_series(runs_dir / r["table"] / r["run"])
             if s:
-                series[r["run"]] = s
+                series[r["arch"]][r["run"]] = s
             elif s := epoch_series(r):
-                series[f"{r['run']} (per epoch)"] = s
+                series[r["arch"]][f"{r['run']} (per epoch)"] = s
     if not series:
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, s in series.items():
-        a.plot(s["step"], s["lambda"], label=name, lw=1.0)
-        b.plot(s["step"], s["utilization"], label=name, lw=1.0)
-    a.set(xlabel="step", ylabel="λ", title="sparsity coefficient λ (0 after the search)")
-    b.set(xlabel="step", ylabel="utilisation U (params)", title="utilisation")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-    b.legend(fontsize=7)
+    fig, axes = plt.subplots(len(series), 2, figsize=(12, 4.2 * len(series)), squeeze=False)
+    for (arch, named), (a, b) in zip(sorted(series.items()), axes, strict=True):
+        for name, s in sorted(named.items()):
+            a.plot(s["step"], s["lambda"], label=name, lw=1.0)
+            b.plot(s["step"], s["utilization"], label=name, lw=1.0)
+        a.set(xlabel="step", ylabel="λ", title=f"{arch}: sparsity coefficient λ (0 after search)")
+        b.set(xlabel="step", ylabel="utilisation U (params)", title=f"{arch}: utilisation")
+        for ax in (a, b):
+            ax.grid(alpha=0.3)
+        b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -444,6 +474,15 @@ def write_report(table_dir: Path, runs_dir: Path, kind: str) -> Path:
     if kind != "sweep":
         parts += ["", "## Test set (final and best-validation epochs)", "", test_table(results)]
         parts += ["", verdict(results)]
+        split = decomposition(results)
+        if split:
+            parts += [
+                "",
+                "Where the gain comes from (paired, test accuracy at the final epoch, points; "
+                "the two parts add up to the whole):",
+                "",
+                split,
+            ]
         notes = search_divergence(results)
         if notes:
             parts += [

@@ -123,3 +123,12 @@ def test_arm_curves_average_the_seeds_that_ran_each_epoch():
     assert c["epoch"] == [1, 2, 3, 4, 5]
     assert abs(c["max"][0] - 50.0) < 1e-9 and abs(c["min"][0] - 100 * (1 - 0.71)) < 1e-9
     assert abs(c["mean"][-1] - 100 * (1 - 0.85)) < 1e-9  # epoch 5: seed 0 alone
+
+
+def test_the_decomposition_adds_up_to_the_epoch_matched_gain():
+    results = [result("vgg", "nr", s, 0.91 + s / 100, 0.9) for s in range(2)]
+    results += [result("vgg", "baseline_Ek", s, 0.90, 0.9, nr=False) for s in range(2)]
+    results += [result("vgg", "slimming", s, 0.895, 0.9) for s in range(3)]  # s2: no NR pair
+    (row,) = [line for line in eval_report.decomposition(results).splitlines() if "| vgg" in line]
+    assert row == "| vgg | s0, s1 | +1.50 ± 0.71 | +2.00 ± 0.71 | -0.50 ± 0.00 |"
+    assert eval_report.decomposition(results[:2]) == ""  # no pairs: no table
